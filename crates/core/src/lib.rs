@@ -1,0 +1,22 @@
+//! pgcache's pure core: no Redis, no sockets.
+//!
+//! Everything here is deterministic and unit-tested: module settings and their
+//! strict parsing, command-argument parsing, cache-key canonicalisation, SQL
+//! text built from catalog metadata, event payloads and the bookkeeping that
+//! coalesces fills and keeps invalidated fills from being cached.
+
+pub mod args;
+pub mod event;
+pub mod fills;
+pub mod key;
+pub mod schema;
+pub mod settings;
+pub mod sql;
+
+pub use args::{check_table_arg, parse_ttl, ArgError};
+pub use fills::{FillId, FillRegistry, Finished, Join};
+pub use key::{
+    cache_key, canonical_pk, canonical_pk_value, CanonicalPk, KeyError, NEGATIVE_MARKER,
+};
+pub use schema::{PkColumn, PkKind, TableSchema};
+pub use settings::{EventMask, SettingError, Settings, SslMode};

@@ -1,0 +1,491 @@
+//! Module settings: defaults, strict parsing of load arguments, and the one
+//! validation path that both load arguments and `CONFIG SET` go through.
+
+use thiserror::Error;
+
+/// A bad setting; the message names it.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SettingError {
+    #[error("unknown argument '{0}'")]
+    Unknown(String),
+    #[error("argument '{0}' has no value")]
+    MissingValue(String),
+    #[error("invalid value for '{name}': {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Which event types are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventMask {
+    pub hit: bool,
+    pub miss: bool,
+    pub write: bool,
+    pub invalidate: bool,
+}
+
+impl EventMask {
+    pub const ALL: EventMask = EventMask {
+        hit: true,
+        miss: true,
+        write: true,
+        invalidate: true,
+    };
+    pub const NONE: EventMask = EventMask {
+        hit: false,
+        miss: false,
+        write: false,
+        invalidate: false,
+    };
+
+    fn parse(raw: &str) -> Result<EventMask, String> {
+        match raw.trim() {
+            "all" => return Ok(EventMask::ALL),
+            "none" | "" => return Ok(EventMask::NONE),
+            _ => {}
+        }
+        let mut mask = EventMask::NONE;
+        for part in raw.split(',').map(str::trim) {
+            match part {
+                "cache_hit" => mask.hit = true,
+                "cache_miss" => mask.miss = true,
+                "cache_write" => mask.write = true,
+                "cache_invalidate" => mask.invalidate = true,
+                other => {
+                    return Err(format!(
+                        "unknown event type '{other}' (expected all, none, or a comma list of cache_hit, cache_miss, cache_write, cache_invalidate)"
+                    ))
+                }
+            }
+        }
+        Ok(mask)
+    }
+
+    fn render(self) -> String {
+        if self == EventMask::ALL {
+            return "all".into();
+        }
+        if self == EventMask::NONE {
+            return "none".into();
+        }
+        let mut parts = Vec::new();
+        for (on, name) in [
+            (self.hit, "cache_hit"),
+            (self.miss, "cache_miss"),
+            (self.write, "cache_write"),
+            (self.invalidate, "cache_invalidate"),
+        ] {
+            if on {
+                parts.push(name);
+            }
+        }
+        parts.join(",")
+    }
+}
+
+/// What `CONFIG GET` answers for a password that is set.
+pub const REDACTED: &str = "(redacted)";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub pg_host: String,
+    pub pg_port: u16,
+    pub pg_database: String,
+    pub pg_user: String,
+    pub pg_password: String,
+    pub pg_password_file: String,
+    /// The password read from `pg_password_file`, when that is set.
+    pub password_from_file: Option<String>,
+    pub pg_url: String,
+    pub pg_sslmode: SslMode,
+    pub pg_sslrootcert: String,
+    pub pg_pool_size: usize,
+    pub pg_connect_timeout_ms: u64,
+    pub pg_query_timeout_ms: u64,
+    pub default_ttl: u64,
+    pub negative_ttl: u64,
+    pub cache_prefix: String,
+    pub events: EventMask,
+    pub events_channel: String,
+    pub invalidation_channel: String,
+    /// Allowlist of table key names (`users`, `app.users`); empty allows any.
+    pub tables: Vec<String>,
+    pub max_batch: usize,
+    pub max_inflight: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            pg_host: "localhost".into(),
+            pg_port: 5432,
+            pg_database: "postgres".into(),
+            pg_user: "postgres".into(),
+            pg_password: String::new(),
+            pg_password_file: String::new(),
+            password_from_file: None,
+            pg_url: String::new(),
+            pg_sslmode: SslMode::Prefer,
+            pg_sslrootcert: String::new(),
+            pg_pool_size: 8,
+            pg_connect_timeout_ms: 5000,
+            pg_query_timeout_ms: 5000,
+            default_ttl: 3600,
+            negative_ttl: 0,
+            cache_prefix: "pg_cache:".into(),
+            events: EventMask::ALL,
+            events_channel: "pg_cache_events".into(),
+            invalidation_channel: "cache_invalidation".into(),
+            tables: Vec::new(),
+            max_batch: 10_000,
+            max_inflight: 10_000,
+        }
+    }
+}
+
+/// Every setting, in the order the README documents them. Each is a load
+/// argument and a config `pgcache.<name>`.
+pub const NAMES: &[&str] = &[
+    "pg_host",
+    "pg_port",
+    "pg_database",
+    "pg_user",
+    "pg_password",
+    "pg_password_file",
+    "pg_url",
+    "pg_sslmode",
+    "pg_sslrootcert",
+    "pg_pool_size",
+    "pg_connect_timeout_ms",
+    "pg_query_timeout_ms",
+    "default_ttl",
+    "negative_ttl",
+    "cache_prefix",
+    "events",
+    "events_channel",
+    "invalidation_channel",
+    "tables",
+    "max_batch",
+    "max_inflight",
+];
+
+/// Settings whose change needs a new PostgreSQL connection pool.
+pub fn affects_connection(name: &str) -> bool {
+    name.starts_with("pg_")
+}
+
+fn invalid(name: &str, reason: impl Into<String>) -> SettingError {
+    SettingError::Invalid {
+        name: name.into(),
+        reason: reason.into(),
+    }
+}
+
+fn int_in(name: &str, raw: &str, min: u64, max: u64) -> Result<u64, SettingError> {
+    let n: u64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| invalid(name, format!("'{raw}' is not a non-negative integer")))?;
+    if n < min || n > max {
+        return Err(invalid(name, format!("{n} is outside {min}..={max}")));
+    }
+    Ok(n)
+}
+
+/// A table name in the allowlist, in key-name form (`public.` dropped).
+fn allowlist_entry(raw: &str) -> String {
+    let t = raw.trim();
+    t.strip_prefix("public.").unwrap_or(t).to_owned()
+}
+
+impl Settings {
+    /// Parses module load arguments strictly: name/value pairs in any order,
+    /// every name known, every value valid.
+    pub fn from_module_args<S: AsRef<str>>(args: &[S]) -> Result<Settings, SettingError> {
+        let mut settings = Settings::default();
+        let mut it = args.iter();
+        while let Some(name) = it.next() {
+            let name = name.as_ref();
+            if !NAMES.contains(&name) {
+                return Err(SettingError::Unknown(name.into()));
+            }
+            let value = it
+                .next()
+                .ok_or_else(|| SettingError::MissingValue(name.into()))?;
+            settings.set(name, value.as_ref())?;
+        }
+        Ok(settings)
+    }
+
+    /// Sets one setting by name after validating the value.
+    pub fn set(&mut self, name: &str, raw: &str) -> Result<(), SettingError> {
+        match name {
+            "pg_host" => {
+                if raw.trim().is_empty() {
+                    return Err(invalid(name, "must not be empty"));
+                }
+                self.pg_host = raw.into();
+            }
+            "pg_port" => self.pg_port = int_in(name, raw, 1, 65535)? as u16,
+            "pg_database" => self.pg_database = raw.into(),
+            "pg_user" => self.pg_user = raw.into(),
+            "pg_password" => self.pg_password = raw.into(),
+            "pg_password_file" => {
+                if raw.is_empty() {
+                    self.password_from_file = None;
+                } else {
+                    let text = std::fs::read_to_string(raw)
+                        .map_err(|e| invalid(name, format!("cannot read '{raw}': {e}")))?;
+                    let first = text.lines().next().unwrap_or("").to_owned();
+                    self.password_from_file = Some(first);
+                }
+                self.pg_password_file = raw.into();
+            }
+            "pg_url" => {
+                if !raw.is_empty()
+                    && !(raw.starts_with("postgresql://") || raw.starts_with("postgres://"))
+                {
+                    return Err(invalid(name, "expected a postgresql:// URL"));
+                }
+                self.pg_url = raw.into();
+            }
+            "pg_sslmode" => {
+                self.pg_sslmode = match raw {
+                    "disable" => SslMode::Disable,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-full" => SslMode::VerifyFull,
+                    _ => {
+                        return Err(invalid(
+                            name,
+                            format!("'{raw}' is not one of disable, prefer, require, verify-full"),
+                        ))
+                    }
+                }
+            }
+            "pg_sslrootcert" => self.pg_sslrootcert = raw.into(),
+            "pg_pool_size" => self.pg_pool_size = int_in(name, raw, 1, 1024)? as usize,
+            "pg_connect_timeout_ms" => {
+                self.pg_connect_timeout_ms = int_in(name, raw, 1, 3_600_000)?
+            }
+            "pg_query_timeout_ms" => self.pg_query_timeout_ms = int_in(name, raw, 1, 3_600_000)?,
+            "default_ttl" => self.default_ttl = int_in(name, raw, 0, i64::MAX as u64 / 1000)?,
+            "negative_ttl" => self.negative_ttl = int_in(name, raw, 0, i64::MAX as u64 / 1000)?,
+            "cache_prefix" => self.cache_prefix = raw.into(),
+            "events" => self.events = EventMask::parse(raw).map_err(|r| invalid(name, r))?,
+            "events_channel" => {
+                if raw.is_empty() {
+                    return Err(invalid(name, "must not be empty"));
+                }
+                self.events_channel = raw.into();
+            }
+            "invalidation_channel" => self.invalidation_channel = raw.into(),
+            "tables" => {
+                self.tables = raw
+                    .split(',')
+                    .map(allowlist_entry)
+                    .filter(|t| !t.is_empty())
+                    .collect();
+            }
+            "max_batch" => self.max_batch = int_in(name, raw, 1, 1_000_000)? as usize,
+            "max_inflight" => self.max_inflight = int_in(name, raw, 1, 10_000_000)? as usize,
+            _ => return Err(SettingError::Unknown(name.into())),
+        }
+        Ok(())
+    }
+
+    /// The value `CONFIG GET` shows; the password is never shown.
+    pub fn get(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "pg_host" => self.pg_host.clone(),
+            "pg_port" => self.pg_port.to_string(),
+            "pg_database" => self.pg_database.clone(),
+            "pg_user" => self.pg_user.clone(),
+            "pg_password" => {
+                if self.pg_password.is_empty() {
+                    String::new()
+                } else {
+                    REDACTED.into()
+                }
+            }
+            "pg_password_file" => self.pg_password_file.clone(),
+            "pg_url" => redact_url(&self.pg_url),
+            "pg_sslmode" => self.pg_sslmode.as_str().into(),
+            "pg_sslrootcert" => self.pg_sslrootcert.clone(),
+            "pg_pool_size" => self.pg_pool_size.to_string(),
+            "pg_connect_timeout_ms" => self.pg_connect_timeout_ms.to_string(),
+            "pg_query_timeout_ms" => self.pg_query_timeout_ms.to_string(),
+            "default_ttl" => self.default_ttl.to_string(),
+            "negative_ttl" => self.negative_ttl.to_string(),
+            "cache_prefix" => self.cache_prefix.clone(),
+            "events" => self.events.render(),
+            "events_channel" => self.events_channel.clone(),
+            "invalidation_channel" => self.invalidation_channel.clone(),
+            "tables" => self.tables.join(","),
+            "max_batch" => self.max_batch.to_string(),
+            "max_inflight" => self.max_inflight.to_string(),
+            _ => return None,
+        })
+    }
+
+    /// The password to connect with: the file's when `pg_password_file` is set.
+    pub fn effective_password(&self) -> &str {
+        self.password_from_file
+            .as_deref()
+            .unwrap_or(&self.pg_password)
+    }
+
+    /// Whether a table (by key name) may be read through.
+    pub fn table_allowed(&self, key_name: &str) -> bool {
+        self.tables.is_empty() || self.tables.iter().any(|t| t == key_name)
+    }
+}
+
+/// Hides the password part of a `postgresql://user:password@host/db` URL.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let url = &redact_query_password(url);
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:{}{}",
+            &url[..scheme_end + 3],
+            &authority[..colon],
+            REDACTED,
+            &url[scheme_end + 3 + at..]
+        ),
+        _ => url.to_owned(),
+    }
+}
+
+fn redact_query_password(url: &str) -> String {
+    let Some(q) = url.find('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<String> = url[q + 1..]
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k == "password" => format!("{k}={REDACTED}"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{}?{}", &url[..q], params.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_load_line_parses() {
+        let s = Settings::from_module_args(&[
+            "pg_host",
+            "localhost",
+            "pg_database",
+            "myapp",
+            "pg_user",
+            "postgres",
+            "pg_password",
+            "secret",
+            "default_ttl",
+            "3600",
+            "cache_prefix",
+            "pg_cache:",
+        ])
+        .unwrap();
+        assert_eq!(s.pg_database, "myapp");
+        assert_eq!(s.pg_password, "secret");
+        assert_eq!(s.get("pg_password").unwrap(), REDACTED);
+        assert_eq!(s.default_ttl, 3600);
+    }
+
+    #[test]
+    fn bad_arguments_are_named() {
+        let err = |args: &[&str]| Settings::from_module_args(args).unwrap_err().to_string();
+        assert!(err(&["pg_hots", "x"]).contains("'pg_hots'"));
+        assert!(err(&["pg_port"]).contains("'pg_port' has no value"));
+        assert!(err(&["pg_port", "abc"]).contains("'pg_port'"));
+        assert!(err(&["pg_port", "70000"]).contains("'pg_port'"));
+        assert!(err(&["default_ttl", "-1"]).contains("'default_ttl'"));
+        assert!(err(&["pg_sslmode", "sometimes"]).contains("'pg_sslmode'"));
+        assert!(err(&["events", "cache_hit,bogus"]).contains("bogus"));
+        assert!(err(&["pg_url", "mysql://x"]).contains("'pg_url'"));
+        assert!(err(&["pg_password_file", "/nonexistent/pw"]).contains("'pg_password_file'"));
+        assert!(err(&["max_batch", "0"]).contains("'max_batch'"));
+    }
+
+    #[test]
+    fn every_name_round_trips() {
+        let s = Settings::default();
+        for name in NAMES {
+            let shown = s
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} has no getter"));
+            let mut t = s.clone();
+            if *name != "pg_password_file" || !shown.is_empty() {
+                t.set(name, &shown)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn events_and_tables() {
+        let mut s = Settings::default();
+        s.set("events", "cache_hit, cache_write").unwrap();
+        assert!(s.events.hit && s.events.write && !s.events.miss);
+        assert_eq!(s.get("events").unwrap(), "cache_hit,cache_write");
+        s.set("events", "none").unwrap();
+        assert_eq!(s.events, EventMask::NONE);
+        s.set("tables", "public.users, app.accounts").unwrap();
+        assert!(
+            s.table_allowed("users")
+                && s.table_allowed("app.accounts")
+                && !s.table_allowed("products")
+        );
+    }
+
+    #[test]
+    fn password_file_first_line() {
+        let path = std::env::temp_dir().join(format!("pgcache-pw-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\nignored\n").unwrap();
+        let s = Settings::from_module_args(&["pg_password_file", path.to_str().unwrap()]).unwrap();
+        assert_eq!(s.effective_password(), "s3cret");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn url_password_redacted() {
+        assert_eq!(
+            redact_url("postgresql://u:pw@h:5/db"),
+            "postgresql://u:(redacted)@h:5/db"
+        );
+        assert_eq!(redact_url("postgresql://u@h/db"), "postgresql://u@h/db");
+        assert_eq!(
+            redact_url("postgresql://h/db?sslmode=disable&password=x"),
+            "postgresql://h/db?sslmode=disable&password=(redacted)"
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! SQL text built only from catalog names, always quoted; values are bind
+//! parameters. Nothing here ever sees a user's text.
+
+use crate::schema::PkColumn;
+use std::fmt::Write;
+
+/// Quotes an identifier as PostgreSQL's `quote_ident` does when forced.
+pub fn quote_ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for ch in name.chars() {
+        if ch == '"' {
+            out.push('"');
+        }
+        out.push(ch);
+    }
+    out.push('"');
+    out
+}
+
+fn table_ref(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// `SELECT row_to_json(t)::text FROM s.n AS t WHERE t.c1 = $1::text::type1 AND ...`
+///
+/// Parameters travel as text and are converted by the column type's own input
+/// function, so every type PostgreSQL can parse works as a key.
+pub fn select_one(schema: &str, name: &str, pk: &[PkColumn]) -> String {
+    let mut sql = format!(
+        "SELECT row_to_json(t)::text FROM {} AS t WHERE ",
+        table_ref(schema, name)
+    );
+    for (i, col) in pk.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(" AND ");
+        }
+        let _ = write!(
+            sql,
+            "t.{} = ${}::text::{}",
+            quote_ident(&col.name),
+            i + 1,
+            col.type_sql
+        );
+    }
+    sql
+}
+
+/// Many keys in one query: `$1` is a JSON array of canonical keys; the answer
+/// is `(ord, row)` for each key that has a row, `ord` counting from 1.
+pub fn select_many(schema: &str, name: &str, pk: &[PkColumn]) -> String {
+    let defs: Vec<String> = pk
+        .iter()
+        .map(|c| format!("{} {}", quote_ident(&c.name), c.type_sql))
+        .collect();
+    let aliases: Vec<String> = (0..pk.len()).map(|i| format!("k{i}")).collect();
+    let join: Vec<String> = pk
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("t.{} = k.k{i}", quote_ident(&c.name)))
+        .collect();
+    format!(
+        "SELECT k.ord, row_to_json(t)::text FROM ROWS FROM (json_to_recordset($1::json) AS ({})) \
+         WITH ORDINALITY AS k({}, ord) JOIN {} AS t ON {}",
+        defs.join(", "),
+        aliases.join(", "),
+        table_ref(schema, name),
+        join.join(" AND ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::PkKind;
+
+    fn col(name: &str, ty: &str) -> PkColumn {
+        PkColumn {
+            name: name.into(),
+            type_sql: ty.into(),
+            kind: PkKind::Other,
+        }
+    }
+
+    #[test]
+    fn quoting_doubles_quotes() {
+        assert_eq!(quote_ident("users"), "\"users\"");
+        assert_eq!(quote_ident("a\"b; DROP"), "\"a\"\"b; DROP\"");
+    }
+
+    #[test]
+    fn one_row_query() {
+        let sql = select_one(
+            "public",
+            "products",
+            &[
+                col("category", "\"pg_catalog\".\"varchar\""),
+                col("product_id", "\"pg_catalog\".\"int4\""),
+            ],
+        );
+        assert_eq!(
+            sql,
+            "SELECT row_to_json(t)::text FROM \"public\".\"products\" AS t WHERE \
+             t.\"category\" = $1::text::\"pg_catalog\".\"varchar\" AND \
+             t.\"product_id\" = $2::text::\"pg_catalog\".\"int4\""
+        );
+    }
+
+    #[test]
+    fn many_rows_query() {
+        let sql = select_many("app", "we\"ird", &[col("id", "\"pg_catalog\".\"int8\"")]);
+        assert_eq!(
+            sql,
+            "SELECT k.ord, row_to_json(t)::text FROM ROWS FROM (json_to_recordset($1::json) AS \
+             (\"id\" \"pg_catalog\".\"int8\")) WITH ORDINALITY AS k(k0, ord) JOIN \
+             \"app\".\"we\"\"ird\" AS t ON t.\"id\" = k.k0"
+        );
+    }
+}
