@@ -1,1 +1,51 @@
+//! pgcache: a Redis module that serves PostgreSQL rows as a read-through cache.
+//!
+//! This crate is the thin Redis layer: command registration, blocking and
+//! replying, configs, INFO and events. The logic lives in `pgcache-core`
+//! (pure) and the PostgreSQL work in `pgcache-pg`, which runs on a background
+//! tokio runtime: no PostgreSQL I/O ever happens on Redis's main thread.
 
+mod cache;
+mod commands;
+mod config;
+mod fill;
+mod info;
+mod state;
+
+use info::add_info;
+
+use redis_module::{redis_module, Context, InfoContext, RedisResult, RedisString, Status};
+
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    match state::init(ctx, args) {
+        Ok(()) => Status::Ok,
+        Err(msg) => {
+            ctx.log_warning(&format!("pgcache: refusing to load: {msg}"));
+            Status::Err
+        }
+    }
+}
+
+fn deinit(ctx: &Context) -> Status {
+    // The background runtime's threads run this library's code: unmapping it
+    // under them would crash Redis, so unloading is refused.
+    ctx.log_warning("pgcache: MODULE UNLOAD is not supported; restart Redis to remove the module");
+    Status::Err
+}
+
+redis_module! {
+    name: "pgcache",
+    version: 1,
+    allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
+    data_types: [],
+    init: init,
+    deinit: deinit,
+    info: add_info,
+    commands: [
+        ["pgcache.read", commands::read, "readonly", 0, 0, 0, ""],
+        ["pgcache.multiread", commands::multiread, "readonly", 0, 0, 0, ""],
+        ["pgcache.write", commands::write, "write deny-oom", 0, 0, 0, ""],
+        ["pgcache.invalidate", commands::invalidate, "write", 0, 0, 0, ""],
+        ["pgcache.stats", commands::stats, "readonly", 0, 0, 0, ""],
+    ],
+}

@@ -60,7 +60,7 @@ pub fn select_many(schema: &str, name: &str, pk: &[PkColumn]) -> String {
         .map(|(i, c)| format!("t.{} = k.k{i}", quote_ident(&c.name)))
         .collect();
     format!(
-        "SELECT k.ord, row_to_json(t)::text FROM ROWS FROM (json_to_recordset($1::json) AS ({})) \
+        "SELECT k.ord, row_to_json(t)::text FROM ROWS FROM (json_to_recordset($1::text::json) AS ({})) \
          WITH ORDINALITY AS k({}, ord) JOIN {} AS t ON {}",
         defs.join(", "),
         aliases.join(", "),
@@ -111,7 +111,7 @@ mod tests {
         let sql = select_many("app", "we\"ird", &[col("id", "\"pg_catalog\".\"int8\"")]);
         assert_eq!(
             sql,
-            "SELECT k.ord, row_to_json(t)::text FROM ROWS FROM (json_to_recordset($1::json) AS \
+            "SELECT k.ord, row_to_json(t)::text FROM ROWS FROM (json_to_recordset($1::text::json) AS \
              (\"id\" \"pg_catalog\".\"int8\")) WITH ORDINALITY AS k(k0, ord) JOIN \
              \"app\".\"we\"\"ird\" AS t ON t.\"id\" = k.k0"
         );

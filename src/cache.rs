@@ -1,0 +1,115 @@
+//! Cache entries and events in Redis: reading a key without copying it,
+//! writing and deleting with replication, publishing events, error replies.
+
+use crate::state::SETTINGS;
+use pgcache_core::event::{event_json, EventType, Source};
+use pgcache_core::TableSchema;
+use redis_module::{raw, CallOptionsBuilder, CallResult, Context, ContextFlags, KeyType, RedisError, RedisString};
+use std::os::raw::c_char;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// An error reply: `ERR <message>`.
+pub fn err(msg: impl std::fmt::Display) -> RedisError {
+    RedisError::String(format!("ERR {msg}"))
+}
+
+/// What a cache key holds.
+pub enum Lookup<'a> {
+    Missing,
+    /// A cached row, or `NEGATIVE_MARKER` for a remembered "not found".
+    Hit(&'a [u8]),
+    /// The key exists but is not a string: not ours.
+    WrongType,
+}
+
+/// Opens `key` for reading and hands its value to `f` without copying it.
+pub fn with_entry<R>(ctx: &Context, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
+    let name = ctx.create_string(key);
+    let entry = ctx.open_key(&name);
+    match entry.key_type() {
+        KeyType::Empty => f(Lookup::Missing),
+        KeyType::String => match entry.read() {
+            Ok(Some(bytes)) => f(Lookup::Hit(bytes)),
+            Ok(None) => f(Lookup::Missing),
+            Err(_) => f(Lookup::WrongType),
+        },
+        _ => f(Lookup::WrongType),
+    }
+}
+
+pub fn wrongtype(key: &str) -> RedisError {
+    RedisError::String(format!(
+        "WRONGTYPE key '{key}' holds a value that is not a pgcache entry"
+    ))
+}
+
+/// Replies with a bulk string straight from Redis's buffer (the hit path).
+pub fn reply_bytes(ctx: &Context, bytes: &[u8]) {
+    unsafe {
+        raw::RedisModule_ReplyWithStringBuffer.unwrap()(
+            ctx.ctx,
+            bytes.as_ptr() as *const c_char,
+            bytes.len(),
+        );
+    }
+}
+
+pub fn selected_db(ctx: &Context) -> i32 {
+    unsafe { raw::RedisModule_GetSelectedDb.unwrap()(ctx.ctx) }
+}
+
+pub fn select_db(ctx: &Context, db: i32) {
+    unsafe {
+        raw::RedisModule_SelectDb.unwrap()(ctx.ctx, db);
+    }
+}
+
+/// A replica serves what its primary replicates and writes nothing itself.
+pub fn is_replica(ctx: &Context) -> bool {
+    ctx.get_flags().contains(ContextFlags::SLAVE)
+}
+
+/// Stores an entry (TTL 0: no expiry), replicated to replicas and the AOF.
+pub fn store(ctx: &Context, key: &str, value: &str, ttl: u64) -> Result<(), String> {
+    let opts = CallOptionsBuilder::new().replicate().build();
+    let ttl_text = ttl.to_string();
+    let with_ttl = [key, value, "EX", ttl_text.as_str()];
+    let args: &[&str] = if ttl > 0 { &with_ttl } else { &with_ttl[..2] };
+    let result: CallResult = ctx.call_ext("SET", &opts, args);
+    result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Deletes an entry, replicated.
+pub fn delete(ctx: &Context, key: &str) -> Result<(), String> {
+    let opts = CallOptionsBuilder::new().replicate().build();
+    let result: CallResult = ctx.call_ext("DEL", &opts, &[key][..]);
+    result.map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Publishes one event on `events_channel`, if that type is enabled.
+pub fn publish(ctx: &Context, ty: EventType, table: &TableSchema, key_json: &str, source: Option<Source>) {
+    let settings = SETTINGS.load();
+    let mask = settings.events;
+    let on = match ty {
+        EventType::Hit => mask.hit,
+        EventType::Miss => mask.miss,
+        EventType::Write => mask.write,
+        EventType::Invalidate => mask.invalidate,
+    };
+    if !on {
+        return;
+    }
+    let msg = event_json(ty, &table.table_json, key_json, now(), source.map(|s| (s, None)));
+    let channel = RedisString::create(None, settings.events_channel.as_str());
+    let message = RedisString::create(None, msg.as_str());
+    unsafe {
+        raw::RedisModule_PublishMessage.unwrap()(ctx.ctx, channel.inner, message.inner);
+    }
+}

@@ -1,0 +1,70 @@
+//! Module configs `pgcache.<name>`: one per setting, all validated by
+//! `Settings::set`, the same code that parses load arguments.
+
+use crate::state::{self, SETTINGS};
+use pgcache_core::settings::{affects_connection, NAMES};
+use pgcache_core::Settings;
+use redis_module::configuration::{register_string_configuration, ConfigurationContext, ConfigurationFlags, ConfigurationValue};
+use redis_module::{raw, Context, RedisError, RedisString};
+use std::sync::Arc;
+
+struct Param(&'static str);
+
+impl ConfigurationValue<RedisString> for Param {
+    fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
+        // Settings::get redacts the password.
+        let value = SETTINGS.load().get(self.0).unwrap_or_default();
+        RedisString::create(None, value.as_str())
+    }
+
+    fn set(&self, _ctx: &ConfigurationContext, value: RedisString) -> Result<(), RedisError> {
+        let value = value
+            .try_as_str()
+            .map_err(|_| RedisError::String(format!("invalid value for '{}': not valid UTF-8", self.0)))?;
+        let current = SETTINGS.load();
+        if self.0 == "pg_password" && value == pgcache_core::settings::REDACTED && !current.pg_password.is_empty() {
+            // CONFIG REWRITE writes what the getter shows; keep the real password.
+            return Ok(());
+        }
+        let mut next: Settings = (**current).clone();
+        next.set(self.0, value)
+            .map_err(|e| RedisError::String(e.to_string()))?;
+        if next == **current {
+            return Ok(());
+        }
+        SETTINGS.store(Arc::new(next));
+        if affects_connection(self.0) {
+            if let Some(pg) = state::pg_if_ready() {
+                pg.reconfigure(&SETTINGS.load())
+                    .map_err(|e| RedisError::String(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Registers every config, with the load arguments as their values, then
+/// lets Redis apply `pgcache.*` lines from its config file.
+pub fn register(ctx: &Context, args: &[String]) -> Result<(), String> {
+    let defaults = Settings::default();
+    for &name in NAMES {
+        let given = args
+            .chunks(2)
+            .filter(|pair| pair[0] == name)
+            .last()
+            .map(|pair| pair[1].clone());
+        let initial = given.unwrap_or_else(|| defaults.get(name).unwrap_or_default());
+        let flags = if name == "pg_password" || name == "pg_url" {
+            ConfigurationFlags::SENSITIVE
+        } else {
+            ConfigurationFlags::DEFAULT
+        };
+        let param: &'static Param = Box::leak(Box::new(Param(name)));
+        register_string_configuration(ctx, name, param, &initial, flags, None);
+    }
+    let status = unsafe { raw::RedisModule_LoadConfigs.ok_or("RedisModule_LoadConfigs is missing")?(ctx.ctx) };
+    if status != raw::REDISMODULE_OK as i32 {
+        return Err("a pgcache.* setting in the Redis config file is invalid (see the line above)".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! Misses: blocking the client, running the fill on the background runtime,
+//! caching the row and answering every client that waits for it.
+//!
+//! Every blocked client is answered: a `Replier` that is dropped unanswered
+//! (a panic, an abandoned fill) replies with an error on its way out, and a
+//! panicking fill is caught and turned into an error for its waiters.
+
+use crate::cache::{self, err};
+use crate::state::{self, shared, FillKey, STATS};
+use pgcache_core::{FillId, TableSchema, NEGATIVE_MARKER};
+use pgcache_pg::PgError;
+use redis_module::{BlockedClient, Context, RedisResult, RedisValue, ThreadSafeContext};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+/// A blocked client and the means to answer it.
+pub struct Replier(Option<ThreadSafeContext<BlockedClient>>);
+
+impl Replier {
+    pub fn block(ctx: &Context) -> Replier {
+        Replier(Some(ThreadSafeContext::with_blocked_client(ctx.block_client())))
+    }
+
+    pub fn reply(mut self, result: RedisResult) {
+        if let Some(tsc) = self.0.take() {
+            tsc.reply(result);
+        }
+    }
+}
+
+impl Drop for Replier {
+    fn drop(&mut self) {
+        if let Some(tsc) = self.0.take() {
+            tsc.reply(Err(err("pgcache: the request was abandoned (internal error)")));
+        }
+    }
+}
+
+/// How a client's command answers: now, or through its blocked client.
+pub enum Responder {
+    Direct,
+    Blocked(Replier),
+}
+
+impl Responder {
+    /// Answers `result`; for a direct reply the handler returns it.
+    pub fn answer(self, result: RedisResult) -> RedisResult {
+        match self {
+            Responder::Direct => result,
+            Responder::Blocked(r) => {
+                r.reply(result);
+                Ok(RedisValue::NoReply)
+            }
+        }
+    }
+
+    /// Answers with bytes borrowed from Redis (no copy for a direct reply).
+    pub fn answer_bytes(self, ctx: &Context, bytes: &[u8]) -> RedisResult {
+        match self {
+            Responder::Direct => {
+                cache::reply_bytes(ctx, bytes);
+                Ok(RedisValue::NoReply)
+            }
+            Responder::Blocked(r) => {
+                r.reply(Ok(RedisValue::StringBuffer(bytes.to_vec())));
+                Ok(RedisValue::NoReply)
+            }
+        }
+    }
+
+    /// The blocked client, blocking it now if the command had not yet.
+    pub fn into_replier(self, ctx: &Context) -> Replier {
+        match self {
+            Responder::Direct => Replier::block(ctx),
+            Responder::Blocked(r) => r,
+        }
+    }
+}
+
+/// The result of one key's fill: the row as JSON, `None` where no row has the
+/// key, or the error message.
+pub type Outcome = Result<Option<String>, String>;
+
+/// Who waits for a fill.
+pub enum Waiter {
+    /// A READ.
+    Read(Replier),
+    /// A MULTIREAD, for these positions of its input.
+    Batch(Arc<Batch>, Vec<usize>),
+}
+
+impl Waiter {
+    fn deliver(self, outcome: &Outcome) {
+        match self {
+            Waiter::Read(r) => r.reply(match outcome {
+                Ok(Some(row)) => Ok(RedisValue::StringBuffer(row.as_bytes().to_vec())),
+                Ok(None) => Ok(RedisValue::Null),
+                Err(e) => Err(err(e)),
+            }),
+            Waiter::Batch(batch, positions) => batch.deliver(&positions, outcome),
+        }
+    }
+}
+
+/// A MULTIREAD waiting for some of its keys.
+pub struct Batch(Mutex<BatchState>);
+
+struct BatchState {
+    /// Each input position's answer as JSON text (`null` for no row).
+    slots: Vec<Option<String>>,
+    /// Distinct keys still pending.
+    pending: usize,
+    replier: Option<Replier>,
+}
+
+impl Batch {
+    pub fn new(slots: Vec<Option<String>>, pending: usize, replier: Replier) -> Arc<Batch> {
+        Arc::new(Batch(Mutex::new(BatchState {
+            slots,
+            pending,
+            replier: Some(replier),
+        })))
+    }
+
+    fn deliver(&self, positions: &[usize], outcome: &Outcome) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(_) = st.replier else { return };
+        match outcome {
+            Err(e) => {
+                if let Some(r) = st.replier.take() {
+                    r.reply(Err(err(e)));
+                }
+                return;
+            }
+            Ok(row) => {
+                for &p in positions {
+                    if let Some(slot) = st.slots.get_mut(p) {
+                        *slot = Some(row.clone().unwrap_or_else(|| "null".into()));
+                    }
+                }
+            }
+        }
+        st.pending -= 1;
+        if st.pending == 0 {
+            let json = json_array(st.slots.iter().map(|s| s.as_deref().unwrap_or("null")));
+            if let Some(r) = st.replier.take() {
+                r.reply(Ok(RedisValue::StringBuffer(json.into_bytes())));
+            }
+        }
+    }
+}
+
+/// `[a,b,...]` from JSON texts.
+pub fn json_array<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::from("[");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(item);
+    }
+    out.push(']');
+    out
+}
+
+/// Runs `f` holding Redis's lock, from a background thread. A panic in `f`
+/// is caught: waiters it dropped answer with an error as they unwind.
+pub fn with_gil(f: impl FnOnce(&Context)) {
+    let tsc = ThreadSafeContext::new();
+    let guard = tsc.lock();
+    let _ = catch_unwind(AssertUnwindSafe(|| f(&guard)));
+}
+
+/// Runs `work` on the background runtime, catching a panic as an error.
+pub fn spawn_guarded<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, PgError>> + Send + 'static,
+    then: impl FnOnce(Result<T, String>) + Send + 'static,
+) {
+    state::runtime().spawn(async move {
+        let result = match state::runtime().spawn(work).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(join) if join.is_panic() => Err("pgcache: internal error in a background task".to_string()),
+            Err(_) => Err("pgcache: background task cancelled".to_string()),
+        };
+        then(result);
+    });
+}
+
+/// A fill's settings, captured when it starts.
+pub struct FillPlan {
+    pub table: Arc<TableSchema>,
+    pub db: i32,
+    pub ttl: u64,
+    pub negative_ttl: u64,
+}
+
+/// Fills one key (a READ miss).
+pub fn start_one(plan: FillPlan, key: String, id: FillId, params: Vec<String>) {
+    let table = plan.table.clone();
+    let pg = state::pg();
+    let work = {
+        let table = table.clone();
+        async move {
+            let r = pg.fetch_one(&table, &params).await;
+            forget_if_changed(&table, &r);
+            r
+        }
+    };
+    spawn_guarded(work, move |outcome| {
+        with_gil(|ctx| complete(ctx, &plan, &key, id, &outcome));
+    });
+}
+
+/// Fills the missing keys of a MULTIREAD with one query.
+pub fn start_many(plan: FillPlan, keys: Vec<(String, FillId)>, pks_json: String) {
+    let table = plan.table.clone();
+    let pg = state::pg();
+    let n = keys.len();
+    let work = async move {
+        let r = pg.fetch_many(&table, &pks_json, n).await;
+        forget_if_changed(&table, &r);
+        r
+    };
+    spawn_guarded(work, move |outcome| {
+        with_gil(|ctx| {
+            for (i, (key, id)) in keys.iter().enumerate() {
+                let one: Outcome = match &outcome {
+                    Ok(rows) => Ok(rows.get(i).cloned().flatten()),
+                    Err(e) => Err(e.clone()),
+                };
+                complete(ctx, &plan, key, *id, &one);
+            }
+        });
+    });
+}
+
+/// A table whose definition changed is looked up again on next use.
+fn forget_if_changed<T>(table: &TableSchema, r: &Result<T, PgError>) {
+    if let Err(e) = r {
+        if e.schema_changed() {
+            let oid = table.oid;
+            with_gil(|_| shared().forget_table(oid));
+        }
+    }
+}
+
+/// Ends a fill under Redis's lock: caches the result unless an invalidation
+/// overtook it, then answers its waiters.
+fn complete(ctx: &Context, plan: &FillPlan, key: &str, id: FillId, outcome: &Outcome) {
+    let fill_key: FillKey = (plan.db, key.to_owned());
+    let Some(finished) = shared().fills.finish(&fill_key, id) else {
+        return;
+    };
+    match outcome {
+        Ok(row) if finished.cacheable && !cache::is_replica(ctx) => {
+            cache::select_db(ctx, plan.db);
+            let stored = match row {
+                Some(json) => cache::store(ctx, key, json, plan.ttl),
+                None if plan.negative_ttl > 0 => {
+                    let marker = std::str::from_utf8(NEGATIVE_MARKER).unwrap_or_default();
+                    cache::store(ctx, key, marker, plan.negative_ttl)
+                }
+                None => Ok(()),
+            };
+            if let Err(e) = stored {
+                ctx.log_warning(&format!("pgcache: could not cache {key}: {e}"));
+            } else {
+                ctx.log_debug(&format!("pgcache: filled {key}"));
+            }
+        }
+        Ok(_) if !finished.cacheable => {
+            STATS.stale_fills_discarded.fetch_add(1, Ordering::Relaxed);
+            ctx.log_debug(&format!("pgcache: fill of {key} overtaken by an invalidation; not cached"));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            STATS.fill_errors.fetch_add(1, Ordering::Relaxed);
+            ctx.log_debug(&format!("pgcache: fill of {key} failed: {e}"));
+        }
+    }
+    if matches!(outcome, Ok(None)) {
+        STATS.not_found.fetch_add(1, Ordering::Relaxed);
+    }
+    for waiter in finished.waiters {
+        waiter.deliver(outcome);
+    }
+}

@@ -1,0 +1,138 @@
+//! Module-wide state: settings, the runtime, the PostgreSQL layer, the
+//! catalog cache, the fill registry and the counters.
+
+use crate::config;
+use crate::fill::Waiter;
+use arc_swap::ArcSwap;
+use pgcache_core::{FillRegistry, Settings, TableSchema};
+use pgcache_pg::Pg;
+use redis_module::{Context, RedisString};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
+
+/// The settings in force; `CONFIG SET` swaps in a new value.
+pub static SETTINGS: LazyLock<ArcSwap<Settings>> =
+    LazyLock::new(|| ArcSwap::from_pointee(Settings::default()));
+
+static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+static PG: OnceLock<Pg> = OnceLock::new();
+
+/// A fill is identified by the client's database and the cache key.
+pub type FillKey = (i32, String);
+
+/// Bounds the catalog cache: every spelling of a table name that resolves
+/// is an entry, and clients choose the spellings.
+const MAX_CATALOG_ENTRIES: usize = 10_000;
+
+/// State touched only while Redis's lock is held (command handlers, and
+/// background tasks holding the thread-safe context lock), so the mutex is
+/// never contended; it exists to make the sharing sound.
+pub struct Shared {
+    /// Table argument as the client spelled it → its schema.
+    catalog: HashMap<Vec<u8>, Arc<TableSchema>>,
+    pub fills: FillRegistry<FillKey, Waiter>,
+}
+
+impl Shared {
+    pub fn table(&self, arg: &[u8]) -> Option<Arc<TableSchema>> {
+        self.catalog.get(arg).cloned()
+    }
+
+    pub fn remember_table(&mut self, arg: &[u8], schema: Arc<TableSchema>) {
+        if self.catalog.len() >= MAX_CATALOG_ENTRIES {
+            self.catalog.clear();
+        }
+        self.catalog.insert(arg.to_vec(), schema);
+    }
+
+    /// Drops every cached spelling of a table whose definition changed.
+    pub fn forget_table(&mut self, oid: u32) {
+        self.catalog.retain(|_, t| t.oid != oid);
+    }
+
+    pub fn catalog_len(&self) -> usize {
+        self.catalog.len()
+    }
+}
+
+static SHARED: LazyLock<Mutex<Shared>> = LazyLock::new(|| {
+    Mutex::new(Shared {
+        catalog: HashMap::new(),
+        fills: FillRegistry::new(),
+    })
+});
+
+pub fn shared() -> MutexGuard<'static, Shared> {
+    SHARED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    RUNTIME.get().expect("runtime is created at load")
+}
+
+pub fn pg() -> &'static Pg {
+    PG.get().expect("PostgreSQL layer is created at load")
+}
+
+pub fn pg_if_ready() -> Option<&'static Pg> {
+    PG.get()
+}
+
+/// Counters of the Redis layer (relaxed atomics: no lock on the hit path).
+#[derive(Default)]
+pub struct Stats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub not_found: AtomicU64,
+    pub coalesced_waits: AtomicU64,
+    pub busy_rejections: AtomicU64,
+    pub stale_fills_discarded: AtomicU64,
+    pub writes: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub fill_errors: AtomicU64,
+}
+
+pub static STATS: LazyLock<Stats> = LazyLock::new(Stats::default);
+
+/// Load: strict argument parsing, configs, the runtime and the pool.
+pub fn init(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
+    let args: Vec<String> = args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.try_as_str()
+                .map(str::to_owned)
+                .map_err(|_| format!("module argument {} is not valid UTF-8", i + 1))
+        })
+        .collect::<Result<_, _>>()?;
+    let settings = Settings::from_module_args(&args).map_err(|e| e.to_string())?;
+    SETTINGS.store(Arc::new(settings));
+    config::register(ctx, &args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pgcache-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the background runtime: {e}"))?;
+    let _ = RUNTIME.set(runtime);
+    let pg = Pg::new(&SETTINGS.load()).map_err(|e| e.to_string())?;
+    let _ = PG.set(pg);
+    let s = SETTINGS.load();
+    ctx.log_notice(&format!(
+        "pgcache: loaded; PostgreSQL {} (pool {}), key prefix '{}'",
+        describe_target(&s),
+        s.pg_pool_size,
+        s.cache_prefix
+    ));
+    Ok(())
+}
+
+/// Where the pool connects, without the password.
+pub fn describe_target(s: &Settings) -> String {
+    if s.pg_url.is_empty() {
+        format!("{}@{}:{}/{}", s.pg_user, s.pg_host, s.pg_port, s.pg_database)
+    } else {
+        pgcache_core::settings::redact_url(&s.pg_url)
+    }
+}
