@@ -1,10 +1,11 @@
 //! Cache entries and events in Redis: reading a key without copying it,
 //! writing and deleting with replication, publishing events, error replies.
 
-use crate::state::SETTINGS;
 use pgcache_core::event::{event_json, EventType, Source};
-use pgcache_core::TableSchema;
-use redis_module::{raw, CallOptionsBuilder, CallResult, Context, ContextFlags, KeyType, RedisError, RedisString};
+use pgcache_core::{Settings, TableSchema};
+use redis_module::{
+    raw, CallOptionsBuilder, CallResult, Context, ContextFlags, KeyType, RedisError, RedisString,
+};
 use std::os::raw::c_char;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -94,8 +95,14 @@ fn now() -> f64 {
 }
 
 /// Publishes one event on `events_channel`, if that type is enabled.
-pub fn publish(ctx: &Context, ty: EventType, table: &TableSchema, key_json: &str, source: Option<Source>) {
-    let settings = SETTINGS.load();
+pub fn publish(
+    ctx: &Context,
+    settings: &Settings,
+    ty: EventType,
+    table: &TableSchema,
+    key_json: &str,
+    source: Option<Source>,
+) {
     let mask = settings.events;
     let on = match ty {
         EventType::Hit => mask.hit,
@@ -106,7 +113,13 @@ pub fn publish(ctx: &Context, ty: EventType, table: &TableSchema, key_json: &str
     if !on {
         return;
     }
-    let msg = event_json(ty, &table.table_json, key_json, now(), source.map(|s| (s, None)));
+    let msg = event_json(
+        ty,
+        &table.table_json,
+        key_json,
+        now(),
+        source.map(|s| (s, None)),
+    );
     let channel = RedisString::create(None, settings.events_channel.as_str());
     let message = RedisString::create(None, msg.as_str());
     unsafe {

@@ -12,42 +12,113 @@ use crate::state::{self, shared, SETTINGS, STATS};
 use pgcache_core::args::check_table_arg;
 use pgcache_core::event::{EventType, Source};
 use pgcache_core::key::canonical_pk_value;
-use pgcache_core::{cache_key, canonical_pk, parse_ttl, Join, Settings, TableSchema, NEGATIVE_MARKER};
-use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+use pgcache_core::{
+    cache_key, canonical_pk, parse_ttl, push_canonical_pk, CanonicalPk, FillId, Join, Settings,
+    TableSchema, NEGATIVE_MARKER,
+};
+use redis_module::{raw, Context, RedisError, RedisResult, RedisValue};
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Runs a handler, turning a panic into an error reply: a panic must never
-/// take Redis down.
-fn guarded(ctx: &Context, args: Vec<RedisString>, handler: fn(&Context, Vec<RedisString>) -> RedisResult) -> RedisResult {
-    catch_unwind(AssertUnwindSafe(|| handler(ctx, args)))
-        .unwrap_or_else(|_| Err(err("pgcache: internal error (the request was not completed)")))
+/// A handler sees its arguments as byte slices borrowed from Redis: no
+/// copies and no allocation before it decides what to do.
+type Handler = fn(&Context, &[&[u8]]) -> RedisResult;
+
+/// Longest argument list any PGCACHE command takes.
+const MAX_ARGS: usize = 5;
+
+/// Calls `handler` with borrowed arguments and replies with its result. A
+/// panic becomes an error reply: a panic must never take Redis down.
+fn dispatch(
+    ctx: *mut raw::RedisModuleCtx,
+    argv: *mut *mut raw::RedisModuleString,
+    argc: c_int,
+    handler: Handler,
+) -> c_int {
+    let context = Context::new(ctx);
+    let argc = usize::try_from(argc).unwrap_or(0);
+    if argc > MAX_ARGS || argv.is_null() {
+        return context.reply(Err(RedisError::WrongArity)) as c_int;
+    }
+    let mut args: [&[u8]; MAX_ARGS] = [&[]; MAX_ARGS];
+    // SAFETY: Redis passes `argc` valid strings that outlive the call.
+    let argv = unsafe { std::slice::from_raw_parts(argv, argc) };
+    for (slot, &arg) in args.iter_mut().zip(argv) {
+        let mut len = 0usize;
+        let ptr = unsafe { raw::RedisModule_StringPtrLen.unwrap()(arg, &mut len) };
+        *slot = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+    }
+    let result = catch_unwind(AssertUnwindSafe(|| handler(&context, &args[..argc])))
+        .unwrap_or_else(|_| {
+            Err(err(
+                "pgcache: internal error (the request was not completed)",
+            ))
+        });
+    context.reply(result) as c_int
 }
 
-pub fn read(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    guarded(ctx, args, read_cmd)
+macro_rules! entry_points {
+    ($($entry:ident => $handler:ident),* $(,)?) => {
+        $(extern "C" fn $entry(
+            ctx: *mut raw::RedisModuleCtx,
+            argv: *mut *mut raw::RedisModuleString,
+            argc: c_int,
+        ) -> c_int {
+            dispatch(ctx, argv, argc, $handler)
+        })*
+    };
 }
-pub fn multiread(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    guarded(ctx, args, multiread_cmd)
+
+entry_points! {
+    read_entry => read_cmd,
+    multiread_entry => multiread_cmd,
+    write_entry => write_cmd,
+    invalidate_entry => invalidate_cmd,
+    stats_entry => stats_cmd,
 }
-pub fn write(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    guarded(ctx, args, write_cmd)
-}
-pub fn invalidate(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    guarded(ctx, args, invalidate_cmd)
-}
-pub fn stats(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    guarded(ctx, args, |_, args| {
-        if args.len() != 1 {
-            return Err(RedisError::WrongArity);
+
+/// Registers the commands. Keys are derived from the arguments, so none is
+/// declared (first/last/step 0); the flags say what each command does.
+pub fn register(ctx: &Context) -> Result<(), String> {
+    let commands: [(&str, raw::RedisModuleCmdFunc, &str); 5] = [
+        ("pgcache.read", Some(read_entry), "readonly"),
+        ("pgcache.multiread", Some(multiread_entry), "readonly"),
+        ("pgcache.write", Some(write_entry), "write deny-oom"),
+        ("pgcache.invalidate", Some(invalidate_entry), "write"),
+        ("pgcache.stats", Some(stats_entry), "readonly fast"),
+    ];
+    for (name, func, flags) in commands {
+        let c_name = CString::new(name).map_err(|e| e.to_string())?;
+        let c_flags = CString::new(flags).map_err(|e| e.to_string())?;
+        let status = unsafe {
+            raw::RedisModule_CreateCommand.unwrap()(
+                ctx.ctx,
+                c_name.as_ptr(),
+                func,
+                c_flags.as_ptr(),
+                0,
+                0,
+                0,
+            )
+        };
+        if status != raw::REDISMODULE_OK as c_int {
+            return Err(format!("could not register command {name}"));
         }
-        Ok(RedisValue::StringBuffer(info::stats_json().into_bytes()))
-    })
+    }
+    Ok(())
 }
 
-fn optional_ttl(arg: Option<&RedisString>) -> Result<Option<u64>, RedisError> {
-    arg.map(|a| parse_ttl(a.as_slice()).map_err(err)).transpose()
+fn optional_ttl(arg: Option<&&[u8]>) -> Result<Option<u64>, RedisError> {
+    arg.map(|a| parse_ttl(a).map_err(err)).transpose()
+}
+
+/// The schema of a table argument, when it was looked up before.
+fn cached_table(arg: &[u8]) -> Option<Arc<TableSchema>> {
+    shared().table(arg)
 }
 
 /// What a command does once its table's schema is known.
@@ -55,10 +126,8 @@ type Continuation = Box<dyn FnOnce(&Context, Arc<TableSchema>, Responder) -> Red
 
 /// Runs `then` with the table's schema: at once when it is cached, else after
 /// a catalog lookup on the background runtime (the client blocks meanwhile).
-fn with_table(ctx: &Context, table_arg: &RedisString, then: Continuation) -> RedisResult {
-    let raw = table_arg.as_slice();
-    let cached = shared().table(raw);
-    if let Some(schema) = cached {
+fn with_table(ctx: &Context, raw: &[u8], then: Continuation) -> RedisResult {
+    if let Some(schema) = cached_table(raw) {
         return then(ctx, schema, Responder::Direct);
     }
     let name = check_table_arg(raw).map_err(err)?.to_owned();
@@ -93,28 +162,62 @@ fn check_allowed(settings: &Settings, table: &TableSchema) -> Result<(), RedisEr
     }
 }
 
-// PGCACHE.READ <table> <pk> [TTL]
-fn read_cmd(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+fn busy(limit: usize) -> RedisError {
+    err(format!(
+        "pgcache: too many fills in flight (max_inflight {limit}); try again"
+    ))
+}
+
+fn stats_cmd(_ctx: &Context, args: &[&[u8]]) -> RedisResult {
+    if args.len() != 1 {
+        return Err(RedisError::WrongArity);
+    }
+    Ok(RedisValue::StringBuffer(info::stats_json().into_bytes()))
+}
+
+/// PGCACHE.READ <table> <pk> [TTL]
+fn read_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
     if !(3..=4).contains(&args.len()) {
         return Err(RedisError::WrongArity);
     }
     let ttl = optional_ttl(args.get(3))?;
-    let pk = args[2].as_slice().to_vec();
-    with_table(ctx, &args[1], Box::new(move |ctx, table, responder| read_row(ctx, &table, &pk, ttl, responder)))
+    // The hit path: no copies of the arguments, no boxed continuation.
+    if let Some(table) = cached_table(args[1]) {
+        return read_row(ctx, &table, args[2], ttl, Responder::Direct);
+    }
+    let pk = args[2].to_vec();
+    with_table(
+        ctx,
+        args[1],
+        Box::new(move |ctx, table, responder| read_row(ctx, &table, &pk, ttl, responder)),
+    )
 }
 
-fn read_row(ctx: &Context, table: &Arc<TableSchema>, pk: &[u8], ttl: Option<u64>, responder: Responder) -> RedisResult {
+fn read_row(
+    ctx: &Context,
+    table: &Arc<TableSchema>,
+    pk: &[u8],
+    ttl: Option<u64>,
+    responder: Responder,
+) -> RedisResult {
     let settings = SETTINGS.load();
-    let prepared = check_allowed(&settings, table).and_then(|_| canonical_pk(table, pk).map_err(err));
-    let pk = match prepared {
-        Ok(pk) => pk,
-        Err(e) => return responder.answer(Err(e)),
-    };
-    let key = cache_key(&settings.cache_prefix, table, &pk);
+    // The key is built in one buffer: prefix, table, canonical pk.
+    let mut key =
+        String::with_capacity(settings.cache_prefix.len() + table.key_name.len() + pk.len() + 1);
+    key.push_str(&settings.cache_prefix);
+    key.push_str(&table.key_name);
+    key.push(':');
+    let pk_at = key.len();
+    let prepared = check_allowed(&settings, table)
+        .and_then(|_| push_canonical_pk(&mut key, table, pk).map_err(err));
+    if let Err(e) = prepared {
+        return responder.answer(Err(e));
+    }
+    let pk_json = &key[pk_at..];
     let responder = match with_entry(ctx, &key, |entry| match entry {
         Lookup::Hit(bytes) => {
             STATS.hits.fetch_add(1, Ordering::Relaxed);
-            cache::publish(ctx, EventType::Hit, table, &pk.json, None);
+            cache::publish(ctx, &settings, EventType::Hit, table, pk_json, None);
             Err(if bytes == NEGATIVE_MARKER {
                 responder.answer(Ok(RedisValue::Null))
             } else {
@@ -128,7 +231,12 @@ fn read_row(ctx: &Context, table: &Arc<TableSchema>, pk: &[u8], ttl: Option<u64>
         Err(answered) => return answered,
     };
     STATS.misses.fetch_add(1, Ordering::Relaxed);
-    cache::publish(ctx, EventType::Miss, table, &pk.json, None);
+    cache::publish(ctx, &settings, EventType::Miss, table, pk_json, None);
+    // Bind parameters are only needed on a miss.
+    let params = match canonical_pk(table, pk_json.as_bytes()) {
+        Ok(pk) => pk.params,
+        Err(e) => return responder.answer(Err(err(e))),
+    };
     let db = cache::selected_db(ctx);
     let fill_key = (db, key);
     let mut sh = shared();
@@ -150,59 +258,69 @@ fn read_row(ctx: &Context, table: &Arc<TableSchema>, pk: &[u8], ttl: Option<u64>
                 ttl: ttl.unwrap_or(settings.default_ttl),
                 negative_ttl: settings.negative_ttl,
             };
-            fill::start_one(plan, fill_key.1, id, pk.params);
+            fill::start_one(plan, fill_key.1, id, params);
         }
     }
     Ok(RedisValue::NoReply)
 }
 
-fn busy(limit: usize) -> RedisError {
-    err(format!("pgcache: too many fills in flight (max_inflight {limit}); try again"))
-}
-
-// PGCACHE.MULTIREAD <table> <pk-array> [TTL]
-fn multiread_cmd(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+/// PGCACHE.MULTIREAD <table> <pk-array> [TTL]
+fn multiread_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
     if !(3..=4).contains(&args.len()) {
         return Err(RedisError::WrongArity);
     }
     let ttl = optional_ttl(args.get(3))?;
-    let pks = args[2].as_slice().to_vec();
-    with_table(ctx, &args[1], Box::new(move |ctx, table, responder| read_rows(ctx, &table, &pks, ttl, responder)))
+    let pks = args[2].to_vec();
+    with_table(
+        ctx,
+        args[1],
+        Box::new(move |ctx, table, responder| read_rows(ctx, &table, &pks, ttl, responder)),
+    )
 }
 
-fn read_rows(ctx: &Context, table: &Arc<TableSchema>, raw: &[u8], ttl: Option<u64>, responder: Responder) -> RedisResult {
+fn read_rows(
+    ctx: &Context,
+    table: &Arc<TableSchema>,
+    raw: &[u8],
+    ttl: Option<u64>,
+    responder: Responder,
+) -> RedisResult {
     let settings = SETTINGS.load();
     let pks = match parse_batch(&settings, table, raw) {
         Ok(p) => p,
         Err(e) => return responder.answer(Err(e)),
     };
     let db = cache::selected_db(ctx);
-    let keys: Vec<String> = pks.iter().map(|pk| cache_key(&settings.cache_prefix, table, pk)).collect();
+    let keys: Vec<String> = pks
+        .iter()
+        .map(|pk| cache_key(&settings.cache_prefix, table, pk))
+        .collect();
     let mut slots: Vec<Option<String>> = vec![None; keys.len()];
-    // Distinct missing keys, each with the input positions it answers.
+    // Distinct missing keys: the first input position of each, and every
+    // position it answers.
     let mut missing: Vec<(usize, Vec<usize>)> = Vec::new();
-    let mut first_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut index_of: HashMap<&str, usize> = HashMap::new();
     for (i, key) in keys.iter().enumerate() {
-        let hit = with_entry(ctx, key, |entry| match entry {
+        let cached = with_entry(ctx, key, |entry| match entry {
             Lookup::Hit(b) if b == NEGATIVE_MARKER => Ok(Some("null".to_owned())),
             Lookup::Hit(b) => Ok(Some(String::from_utf8_lossy(b).into_owned())),
             Lookup::Missing => Ok(None),
             Lookup::WrongType => Err(wrongtype(key)),
         });
-        match hit {
+        match cached {
             Err(e) => return responder.answer(Err(e)),
             Ok(Some(v)) => {
                 STATS.hits.fetch_add(1, Ordering::Relaxed);
-                cache::publish(ctx, EventType::Hit, table, &pks[i].json, None);
+                cache::publish(ctx, &settings, EventType::Hit, table, &pks[i].json, None);
                 slots[i] = Some(v);
             }
             Ok(None) => {
                 STATS.misses.fetch_add(1, Ordering::Relaxed);
-                cache::publish(ctx, EventType::Miss, table, &pks[i].json, None);
-                match first_of.get(key.as_str()) {
+                cache::publish(ctx, &settings, EventType::Miss, table, &pks[i].json, None);
+                match index_of.get(key.as_str()) {
                     Some(&m) => missing[m].1.push(i),
                     None => {
-                        first_of.insert(key, missing.len());
+                        index_of.insert(key, missing.len());
                         missing.push((i, vec![i]));
                     }
                 }
@@ -216,7 +334,7 @@ fn read_rows(ctx: &Context, table: &Arc<TableSchema>, raw: &[u8], ttl: Option<u6
     let mut sh = shared();
     let new_fills = missing
         .iter()
-        .filter(|(i, _)| !sh.fills.is_active(&(db, keys[*i].clone())))
+        .filter(|(first, _)| !sh.fills.is_active(&(db, keys[*first].clone())))
         .count();
     if new_fills > 0 && sh.fills.in_flight() + new_fills > settings.max_inflight {
         drop(sh);
@@ -224,11 +342,15 @@ fn read_rows(ctx: &Context, table: &Arc<TableSchema>, raw: &[u8], ttl: Option<u6
         return responder.answer(Err(busy(settings.max_inflight)));
     }
     let batch = Batch::new(slots, missing.len(), responder.into_replier(ctx));
-    let mut started: Vec<(String, pgcache_core::FillId)> = Vec::new();
+    let mut started: Vec<(String, FillId)> = Vec::new();
     let mut started_pks: Vec<&str> = Vec::new();
     for (first, positions) in missing {
         let key = keys[first].clone();
-        match sh.fills.join(&(db, key.clone()), &table.key_name, Waiter::Batch(batch.clone(), positions)) {
+        match sh.fills.join(
+            &(db, key.clone()),
+            &table.key_name,
+            Waiter::Batch(batch.clone(), positions),
+        ) {
             Join::Joined => {
                 STATS.coalesced_waits.fetch_add(1, Ordering::Relaxed);
             }
@@ -246,16 +368,25 @@ fn read_rows(ctx: &Context, table: &Arc<TableSchema>, raw: &[u8], ttl: Option<u6
             ttl: ttl.unwrap_or(settings.default_ttl),
             negative_ttl: settings.negative_ttl,
         };
+        // All misses of the call, one query.
         let pks_json = fill::json_array(started_pks.into_iter());
         fill::start_many(plan, started, pks_json);
     }
     Ok(RedisValue::NoReply)
 }
 
-fn parse_batch(settings: &Settings, table: &TableSchema, raw: &[u8]) -> Result<Vec<pgcache_core::CanonicalPk>, RedisError> {
+fn parse_batch(
+    settings: &Settings,
+    table: &TableSchema,
+    raw: &[u8],
+) -> Result<Vec<CanonicalPk>, RedisError> {
     check_allowed(settings, table)?;
-    let value: serde_json::Value = serde_json::from_slice(raw)
-        .map_err(|e| err(format!("invalid JSON in primary-key array for table '{}': {e}", table.key_name)))?;
+    let value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| {
+        err(format!(
+            "invalid JSON in primary-key array for table '{}': {e}",
+            table.key_name
+        ))
+    })?;
     let serde_json::Value::Array(items) = value else {
         return Err(err(format!(
             "MULTIREAD expects a JSON array of primary-key objects for table '{}'",
@@ -276,23 +407,22 @@ fn parse_batch(settings: &Settings, table: &TableSchema, raw: &[u8]) -> Result<V
         .collect()
 }
 
-// PGCACHE.WRITE <table> <pk> <data> [TTL]
-fn write_cmd(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+/// PGCACHE.WRITE <table> <pk> <data> [TTL]
+fn write_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
     if !(4..=5).contains(&args.len()) {
         return Err(RedisError::WrongArity);
     }
     let ttl = optional_ttl(args.get(4))?;
-    let data = args[3].as_slice();
-    match serde_json::from_slice::<serde_json::Value>(data) {
+    match serde_json::from_slice::<serde_json::Value>(args[3]) {
         Ok(serde_json::Value::Object(_)) => {}
         Ok(_) => return Err(err("data must be a JSON object")),
         Err(e) => return Err(err(format!("invalid JSON in data: {e}"))),
     }
-    let data = String::from_utf8(data.to_vec()).map_err(|_| err("data is not valid UTF-8"))?;
-    let pk = args[2].as_slice().to_vec();
+    let data = String::from_utf8(args[3].to_vec()).map_err(|_| err("data is not valid UTF-8"))?;
+    let pk = args[2].to_vec();
     with_table(
         ctx,
-        &args[1],
+        args[1],
         Box::new(move |ctx, table, responder| {
             let result = (|| {
                 let settings = SETTINGS.load();
@@ -300,10 +430,12 @@ fn write_cmd(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                 let pk = canonical_pk(&table, &pk).map_err(err)?;
                 let key = cache_key(&settings.cache_prefix, &table, &pk);
                 // A fill in flight must not overwrite what was written.
-                shared().fills.invalidate(&(cache::selected_db(ctx), key.clone()));
+                shared()
+                    .fills
+                    .invalidate(&(cache::selected_db(ctx), key.clone()));
                 cache::store(ctx, &key, &data, ttl.unwrap_or(settings.default_ttl)).map_err(err)?;
                 STATS.writes.fetch_add(1, Ordering::Relaxed);
-                cache::publish(ctx, EventType::Write, &table, &pk.json, None);
+                cache::publish(ctx, &settings, EventType::Write, &table, &pk.json, None);
                 Ok(RedisValue::SimpleStringStatic("OK"))
             })();
             responder.answer(result)
@@ -311,15 +443,15 @@ fn write_cmd(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     )
 }
 
-// PGCACHE.INVALIDATE <table> <pk>
-fn invalidate_cmd(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+/// PGCACHE.INVALIDATE <table> <pk>
+fn invalidate_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
     if args.len() != 3 {
         return Err(RedisError::WrongArity);
     }
-    let pk = args[2].as_slice().to_vec();
+    let pk = args[2].to_vec();
     with_table(
         ctx,
-        &args[1],
+        args[1],
         Box::new(move |ctx, table, responder| {
             let result = (|| {
                 let settings = SETTINGS.load();
@@ -327,10 +459,19 @@ fn invalidate_cmd(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                 let pk = canonical_pk(&table, &pk).map_err(err)?;
                 let key = cache_key(&settings.cache_prefix, &table, &pk);
                 // A fill in flight must not bring the old row back.
-                shared().fills.invalidate(&(cache::selected_db(ctx), key.clone()));
+                shared()
+                    .fills
+                    .invalidate(&(cache::selected_db(ctx), key.clone()));
                 cache::delete(ctx, &key).map_err(err)?;
                 STATS.invalidations.fetch_add(1, Ordering::Relaxed);
-                cache::publish(ctx, EventType::Invalidate, &table, &pk.json, Some(Source::Command));
+                cache::publish(
+                    ctx,
+                    &settings,
+                    EventType::Invalidate,
+                    &table,
+                    &pk.json,
+                    Some(Source::Command),
+                );
                 Ok(RedisValue::SimpleStringStatic("OK"))
             })();
             responder.answer(result)

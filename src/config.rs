@@ -4,7 +4,9 @@
 use crate::state::{self, SETTINGS};
 use pgcache_core::settings::{affects_connection, NAMES};
 use pgcache_core::Settings;
-use redis_module::configuration::{register_string_configuration, ConfigurationContext, ConfigurationFlags, ConfigurationValue};
+use redis_module::configuration::{
+    register_string_configuration, ConfigurationContext, ConfigurationFlags, ConfigurationValue,
+};
 use redis_module::{raw, Context, RedisError, RedisString};
 use std::sync::Arc;
 
@@ -18,11 +20,14 @@ impl ConfigurationValue<RedisString> for Param {
     }
 
     fn set(&self, _ctx: &ConfigurationContext, value: RedisString) -> Result<(), RedisError> {
-        let value = value
-            .try_as_str()
-            .map_err(|_| RedisError::String(format!("invalid value for '{}': not valid UTF-8", self.0)))?;
+        let value = value.try_as_str().map_err(|_| {
+            RedisError::String(format!("invalid value for '{}': not valid UTF-8", self.0))
+        })?;
         let current = SETTINGS.load();
-        if self.0 == "pg_password" && value == pgcache_core::settings::REDACTED && !current.pg_password.is_empty() {
+        if self.0 == "pg_password"
+            && value == pgcache_core::settings::REDACTED
+            && !current.pg_password.is_empty()
+        {
             // CONFIG REWRITE writes what the getter shows; keep the real password.
             return Ok(());
         }
@@ -62,9 +67,13 @@ pub fn register(ctx: &Context, args: &[String]) -> Result<(), String> {
         let param: &'static Param = Box::leak(Box::new(Param(name)));
         register_string_configuration(ctx, name, param, &initial, flags, None);
     }
-    let status = unsafe { raw::RedisModule_LoadConfigs.ok_or("RedisModule_LoadConfigs is missing")?(ctx.ctx) };
+    let status = unsafe {
+        raw::RedisModule_LoadConfigs.ok_or("RedisModule_LoadConfigs is missing")?(ctx.ctx)
+    };
     if status != raw::REDISMODULE_OK as i32 {
-        return Err("a pgcache.* setting in the Redis config file is invalid (see the line above)".into());
+        return Err(
+            "a pgcache.* setting in the Redis config file is invalid (see the line above)".into(),
+        );
     }
     Ok(())
 }

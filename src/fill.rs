@@ -19,7 +19,9 @@ pub struct Replier(Option<ThreadSafeContext<BlockedClient>>);
 
 impl Replier {
     pub fn block(ctx: &Context) -> Replier {
-        Replier(Some(ThreadSafeContext::with_blocked_client(ctx.block_client())))
+        Replier(Some(ThreadSafeContext::with_blocked_client(
+            ctx.block_client(),
+        )))
     }
 
     pub fn reply(mut self, result: RedisResult) {
@@ -32,7 +34,9 @@ impl Replier {
 impl Drop for Replier {
     fn drop(&mut self) {
         if let Some(tsc) = self.0.take() {
-            tsc.reply(Err(err("pgcache: the request was abandoned (internal error)")));
+            tsc.reply(Err(err(
+                "pgcache: the request was abandoned (internal error)",
+            )));
         }
     }
 }
@@ -180,7 +184,9 @@ pub fn spawn_guarded<T: Send + 'static>(
     state::runtime().spawn(async move {
         let result = match state::runtime().spawn(work).await {
             Ok(r) => r.map_err(|e| e.to_string()),
-            Err(join) if join.is_panic() => Err("pgcache: internal error in a background task".to_string()),
+            Err(join) if join.is_panic() => {
+                Err("pgcache: internal error in a background task".to_string())
+            }
             Err(_) => Err("pgcache: background task cancelled".to_string()),
         };
         then(result);
@@ -271,7 +277,9 @@ fn complete(ctx: &Context, plan: &FillPlan, key: &str, id: FillId, outcome: &Out
         }
         Ok(_) if !finished.cacheable => {
             STATS.stale_fills_discarded.fetch_add(1, Ordering::Relaxed);
-            ctx.log_debug(&format!("pgcache: fill of {key} overtaken by an invalidation; not cached"));
+            ctx.log_debug(&format!(
+                "pgcache: fill of {key} overtaken by an invalidation; not cached"
+            ));
         }
         Ok(_) => {}
         Err(e) => {

@@ -36,7 +36,10 @@ fn figures() -> Vec<(&'static str, i64)> {
             ("pool_size", max_size as i64),
             ("pool_connections", open as i64),
             ("pool_in_use", in_use as i64),
-            ("fill_latency_avg_us", if queries > 0 { total_us / queries } else { 0 }),
+            (
+                "fill_latency_avg_us",
+                if queries > 0 { total_us / queries } else { 0 },
+            ),
             ("fill_latency_max_us", load(&s.fill_micros_max)),
         ]);
     }

@@ -41,11 +41,4 @@ redis_module! {
     init: init,
     deinit: deinit,
     info: add_info,
-    commands: [
-        ["pgcache.read", commands::read, "readonly", 0, 0, 0, ""],
-        ["pgcache.multiread", commands::multiread, "readonly", 0, 0, 0, ""],
-        ["pgcache.write", commands::write, "write deny-oom", 0, 0, 0, ""],
-        ["pgcache.invalidate", commands::invalidate, "write", 0, 0, 0, ""],
-        ["pgcache.stats", commands::stats, "readonly", 0, 0, 0, ""],
-    ],
 }

@@ -109,6 +109,7 @@ pub fn init(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
     let settings = Settings::from_module_args(&args).map_err(|e| e.to_string())?;
     SETTINGS.store(Arc::new(settings));
     config::register(ctx, &args)?;
+    crate::commands::register(ctx)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("pgcache-worker")
@@ -131,7 +132,10 @@ pub fn init(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
 /// Where the pool connects, without the password.
 pub fn describe_target(s: &Settings) -> String {
     if s.pg_url.is_empty() {
-        format!("{}@{}:{}/{}", s.pg_user, s.pg_host, s.pg_port, s.pg_database)
+        format!(
+            "{}@{}:{}/{}",
+            s.pg_user, s.pg_host, s.pg_port, s.pg_database
+        )
     } else {
         pgcache_core::settings::redact_url(&s.pg_url)
     }

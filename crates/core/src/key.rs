@@ -202,7 +202,7 @@ fn int_value(v: &Value, min: i64, max: i64, ty: &str) -> Result<(String, String)
 
 /// Reads an integer the way PostgreSQL's integer input does: surrounding
 /// whitespace, an optional sign, decimal digits (leading zeros allowed).
-fn parse_pg_int(s: &str) -> Option<i64> {
+pub(crate) fn parse_pg_int(s: &str) -> Option<i64> {
     let t = s.trim_matches(|c: char| c.is_ascii_whitespace());
     let (neg, digits) = match t.as_bytes().first()? {
         b'-' => (true, &t[1..]),
@@ -227,7 +227,7 @@ fn parse_pg_int(s: &str) -> Option<i64> {
 
 /// Accepts what PostgreSQL's uuid input accepts (braces, hyphens between
 /// groups, any case) and renders the standard lower-case form.
-fn parse_uuid(s: &str) -> Option<String> {
+pub(crate) fn parse_uuid(s: &str) -> Option<String> {
     let t = s
         .strip_prefix('{')
         .and_then(|r| r.strip_suffix('}'))
@@ -293,7 +293,7 @@ mod tests {
         ] {
             assert_eq!(canon(&t, raw).unwrap(), r#"{"id":123}"#, "{raw}");
         }
-        let c = canonical_pk(&t, br#"{"id":"-0"}"#).unwrap();
+        let c = canonical_pk(&t, br#"{"id":"-0"}"#).unwrap(); // a string: PostgreSQL reads it as 0
         assert_eq!(c.json, r#"{"id":0}"#);
         assert_eq!(c.params, ["0"]);
     }

@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod event;
+pub mod fastkey;
 pub mod fills;
 pub mod key;
 pub mod schema;
@@ -14,6 +15,7 @@ pub mod settings;
 pub mod sql;
 
 pub use args::{check_table_arg, parse_ttl, ArgError};
+pub use fastkey::push_canonical_pk;
 pub use fills::{FillId, FillRegistry, Finished, Join};
 pub use key::{
     cache_key, canonical_pk, canonical_pk_value, CanonicalPk, KeyError, NEGATIVE_MARKER,

@@ -19,18 +19,32 @@ const PRIMARY_KEY: &str = "SELECT a.attname::text, pg_catalog.format('%I.%I', tn
      JOIN pg_catalog.pg_namespace tn ON tn.oid = bt.typnamespace \
      WHERE i.indrelid = $1 AND i.indisprimary";
 
-pub(crate) async fn resolve(client: &tokio_postgres::Client, name: &str) -> Result<TableSchema, PgError> {
+pub(crate) async fn resolve(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<TableSchema, PgError> {
     let rel = client.query_opt(RELATION, &[&name]).await.map_err(|e| {
         match e.code() {
-            Some(c) if *c == SqlState::INVALID_NAME || *c == SqlState::SYNTAX_ERROR || *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *c == SqlState::INVALID_PARAMETER_VALUE => {
+            Some(c)
+                if *c == SqlState::INVALID_NAME
+                    || *c == SqlState::SYNTAX_ERROR
+                    || *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE
+                    || *c == SqlState::INVALID_PARAMETER_VALUE =>
+            {
                 PgError::BadTableName(name.to_owned(), describe(&e))
             }
             // e.g. a cross-database reference `db.schema.table`
-            Some(c) if *c == SqlState::FEATURE_NOT_SUPPORTED || *c == SqlState::UNDEFINED_SCHEMA => {
+            Some(c)
+                if *c == SqlState::FEATURE_NOT_SUPPORTED || *c == SqlState::UNDEFINED_SCHEMA =>
+            {
                 PgError::BadTableName(name.to_owned(), describe(&e))
             }
             _ if e.as_db_error().is_none() => PgError::Unavailable(describe(&e)),
-            _ => PgError::Query { table: name.to_owned(), message: describe(&e), schema_changed: false },
+            _ => PgError::Query {
+                table: name.to_owned(),
+                message: describe(&e),
+                schema_changed: false,
+            },
         }
     })?;
     let Some(rel) = rel else {
@@ -47,7 +61,9 @@ pub(crate) async fn resolve(client: &tokio_postgres::Client, name: &str) -> Resu
         .await
         .map_err(|e| PgError::query(name, e))?;
     if rows.is_empty() {
-        return Err(PgError::NoPrimaryKey(pgcache_core::schema::key_name(&schema, &relname)));
+        return Err(PgError::NoPrimaryKey(pgcache_core::schema::key_name(
+            &schema, &relname,
+        )));
     }
     let pk = rows
         .iter()

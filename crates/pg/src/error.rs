@@ -77,7 +77,13 @@ impl PgError {
 
     /// Whether the cached schema of the table should be dropped.
     pub fn schema_changed(&self) -> bool {
-        matches!(self, PgError::Query { schema_changed: true, .. })
+        matches!(
+            self,
+            PgError::Query {
+                schema_changed: true,
+                ..
+            }
+        )
     }
 }
 

@@ -101,7 +101,10 @@ impl Pg {
         let pool = build_pool(settings)?;
         self.query_timeout_ms
             .store(settings.pg_query_timeout_ms, Ordering::Relaxed);
-        let old = std::mem::replace(&mut *self.pool.write().unwrap_or_else(|e| e.into_inner()), pool);
+        let old = std::mem::replace(
+            &mut *self.pool.write().unwrap_or_else(|e| e.into_inner()),
+            pool,
+        );
         old.close();
         Ok(())
     }
