@@ -55,8 +55,7 @@ pub fn register(ctx: &Context, args: &[String]) -> Result<(), String> {
     for &name in NAMES {
         let given = args
             .chunks(2)
-            .filter(|pair| pair[0] == name)
-            .last()
+            .rfind(|pair| pair[0] == name)
             .map(|pair| pair[1].clone());
         let initial = given.unwrap_or_else(|| defaults.get(name).unwrap_or_default());
         let flags = if name == "pg_password" || name == "pg_url" {

@@ -260,8 +260,9 @@ impl Settings {
                 self.pg_password_file = raw.into();
             }
             "pg_url" => {
-                if !raw.is_empty()
-                    && !(raw.starts_with("postgresql://") || raw.starts_with("postgres://"))
+                if !(raw.is_empty()
+                    || raw.starts_with("postgresql://")
+                    || raw.starts_with("postgres://"))
                 {
                     return Err(invalid(name, "expected a postgresql:// URL"));
                 }
