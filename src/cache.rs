@@ -4,7 +4,8 @@
 use pgcache_core::event::{event_json, EventType, Source};
 use pgcache_core::{Settings, TableSchema};
 use redis_module::{
-    raw, CallOptionsBuilder, CallResult, Context, ContextFlags, KeyType, RedisError, RedisString,
+    raw, CallOptionsBuilder, CallResult, Context, ContextFlags, KeyType, RedisError, RedisResult,
+    RedisString,
 };
 use std::os::raw::c_char;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,6 +13,29 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// An error reply: `ERR <message>`.
 pub fn err(msg: impl std::fmt::Display) -> RedisError {
     RedisError::String(format!("ERR {msg}"))
+}
+
+/// Replies with `result`. Error text goes out byte for byte (UTF-8 table
+/// names included), with only CR, LF and NUL, which RESP cannot carry,
+/// replaced.
+pub fn reply(ctx: &Context, result: RedisResult) -> raw::Status {
+    match result {
+        Err(RedisError::String(msg)) => {
+            let bytes: Vec<u8> = msg
+                .bytes()
+                .map(|b| {
+                    if matches!(b, b'\r' | b'\n' | 0) {
+                        b' '
+                    } else {
+                        b
+                    }
+                })
+                .collect();
+            let msg = std::ffi::CString::new(bytes).unwrap_or_default();
+            unsafe { raw::RedisModule_ReplyWithError.unwrap()(ctx.ctx, msg.as_ptr()).into() }
+        }
+        other => ctx.reply(other),
+    }
 }
 
 /// What a cache key holds.

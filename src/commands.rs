@@ -42,7 +42,7 @@ fn dispatch(
     let context = Context::new(ctx);
     let argc = usize::try_from(argc).unwrap_or(0);
     if argc > MAX_ARGS || argv.is_null() {
-        return context.reply(Err(RedisError::WrongArity)) as c_int;
+        return cache::reply(&context, Err(RedisError::WrongArity)) as c_int;
     }
     let mut args: [&[u8]; MAX_ARGS] = [&[]; MAX_ARGS];
     // SAFETY: Redis passes `argc` valid strings that outlive the call.
@@ -58,7 +58,7 @@ fn dispatch(
                 "pgcache: internal error (the request was not completed)",
             ))
         });
-    context.reply(result) as c_int
+    cache::reply(&context, result) as c_int
 }
 
 macro_rules! entry_points {

@@ -9,34 +9,60 @@ use crate::cache::{self, err};
 use crate::state::{self, shared, FillKey, STATS};
 use pgcache_core::{FillId, TableSchema, NEGATIVE_MARKER};
 use pgcache_pg::PgError;
-use redis_module::{BlockedClient, Context, RedisResult, RedisValue, ThreadSafeContext};
+use redis_module::{raw, Context, RedisResult, RedisValue, ThreadSafeContext};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-/// A blocked client and the means to answer it.
-pub struct Replier(Option<ThreadSafeContext<BlockedClient>>);
+/// A blocked client and the means to answer it, through the raw module API
+/// (the crate's error replies mangle non-ASCII text).
+pub struct Replier {
+    blocked: *mut raw::RedisModuleBlockedClient,
+    /// Thread-safe context bound to the blocked client: replies made on it
+    /// reach the client when it is unblocked, with or without Redis's lock.
+    ctx: *mut raw::RedisModuleCtx,
+}
+
+// SAFETY: the blocked-client handle and its thread-safe context are made for
+// use from other threads; a Replier is used by one thread at a time.
+unsafe impl Send for Replier {}
 
 impl Replier {
     pub fn block(ctx: &Context) -> Replier {
-        Replier(Some(ThreadSafeContext::with_blocked_client(
-            ctx.block_client(),
-        )))
+        unsafe {
+            let blocked = raw::RedisModule_BlockClient.unwrap()(ctx.ctx, None, None, None, 0);
+            let ctx = raw::RedisModule_GetThreadSafeContext.unwrap()(blocked);
+            Replier { blocked, ctx }
+        }
     }
 
-    pub fn reply(mut self, result: RedisResult) {
-        if let Some(tsc) = self.0.take() {
-            tsc.reply(result);
+    pub fn reply(self, result: RedisResult) {
+        cache::reply(&Context::new(self.ctx), result);
+        // Drop unblocks.
+        let mut this = self;
+        this.finish();
+    }
+
+    fn finish(&mut self) {
+        if self.blocked.is_null() {
+            return;
         }
+        unsafe {
+            raw::RedisModule_FreeThreadSafeContext.unwrap()(self.ctx);
+            raw::RedisModule_UnblockClient.unwrap()(self.blocked, std::ptr::null_mut());
+        }
+        self.blocked = std::ptr::null_mut();
     }
 }
 
 impl Drop for Replier {
     fn drop(&mut self) {
-        if let Some(tsc) = self.0.take() {
-            tsc.reply(Err(err(
-                "pgcache: the request was abandoned (internal error)",
-            )));
+        if !self.blocked.is_null() {
+            cache::reply(
+                &Context::new(self.ctx),
+                Err(err("pgcache: the request was abandoned (internal error)")),
+            );
+            self.finish();
         }
     }
 }

@@ -1,0 +1,1193 @@
+//! Integration-test harness for pgcache.
+//!
+//! Every test drives real servers: a PostgreSQL cluster that the harness
+//! creates itself (initdb into a temporary directory, a free port, trust
+//! auth, `pg_stat_statements` preloaded) and a `redis-server` with the
+//! module loaded. Nothing here touches the PostgreSQL or Redis that the
+//! machine may already run.
+//!
+//! Shared by the test files through `mod common;`; not every file uses every
+//! helper.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Prefix of the harness's own SQL, so `queries_on` leaves it out.
+pub const HARNESS_MARK: &str = "/* pgcache-harness */";
+
+/// Name of the database the schema is loaded into.
+pub const DB_NAME: &str = "pgcache_test";
+
+/// How long a single command may take before a test reports a hang.
+/// This is a hang detector, not a performance assertion.
+pub const HANG: Duration = Duration::from_secs(60);
+
+/// The standard schema: the seed's tables plus tables for key-type tests.
+pub const SCHEMA: &str = r#"
+CREATE TABLE users (
+    id SERIAL PRIMARY KEY,
+    name VARCHAR(100),
+    email VARCHAR(200),
+    created_at TIMESTAMP DEFAULT NOW()
+);
+INSERT INTO users (name, email, created_at)
+SELECT 'User ' || g, 'user' || g || '@example.com',
+       TIMESTAMP '2024-01-01 00:00:00' + g * INTERVAL '1 minute'
+FROM generate_series(1, 1000) g;
+
+CREATE TABLE products (
+    category VARCHAR(50),
+    product_id INTEGER,
+    name VARCHAR(200),
+    price DECIMAL(10,2),
+    PRIMARY KEY (category, product_id)
+);
+INSERT INTO products
+SELECT c, g, c || ' item ' || g, (g * 3.25)::decimal(10,2)
+FROM unnest(ARRAY['electronics', 'books', 'garden']) c, generate_series(1, 100) g;
+
+CREATE TABLE uuid_items (id UUID PRIMARY KEY, label TEXT);
+INSERT INTO uuid_items VALUES
+    ('6f1c2a9e-3b7d-4c1e-9a2f-0123456789ab', 'first'),
+    ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'second');
+
+CREATE TABLE text_items (code TEXT PRIMARY KEY, label TEXT);
+INSERT INTO text_items VALUES
+    ('alpha', 'A'),
+    ('Ünïcödé ✓', 'unicode'),
+    ('with "quotes" and \ backslash', 'quoted'),
+    ('007', 'leading zeros stay'),
+    ('semi;colon -- comment', 'sql-ish');
+
+CREATE SCHEMA app;
+CREATE TABLE app.accounts (id INTEGER PRIMARY KEY, owner TEXT, balance NUMERIC(12,2));
+INSERT INTO app.accounts SELECT g, 'owner' || g, g * 100.5 FROM generate_series(1, 50) g;
+CREATE TABLE app.users (id INTEGER PRIMARY KEY, handle TEXT);
+INSERT INTO app.users VALUES (1, 'app-user-1');
+
+CREATE TABLE "MixedCase" ("Id" INTEGER PRIMARY KEY, "Label" TEXT);
+INSERT INTO "MixedCase" VALUES (1, 'Mixed one'), (2, 'Mixed two');
+CREATE TABLE mixedcase (id INTEGER PRIMARY KEY, label TEXT);
+INSERT INTO mixedcase VALUES (1, 'lower one');
+
+CREATE TABLE docs (
+    id INTEGER PRIMARY KEY,
+    data JSON,
+    meta JSONB,
+    tags TEXT[],
+    score DOUBLE PRECISION,
+    big BIGINT,
+    flag BOOLEAN,
+    amount NUMERIC
+);
+INSERT INTO docs VALUES
+    (1, '{"a": [1, 2, {"b": null}], "s": "x"}', '{"k": {"n": 1.5}}', ARRAY['x', 'y'],
+        2.5, 9007199254740993, true, 12345678901234567890.125),
+    (2, 'null', '[]', '{}', NULL, -1, false, 0);
+
+CREATE TABLE no_pk (a INTEGER, b TEXT);
+INSERT INTO no_pk VALUES (1, 'x');
+
+CREATE TABLE small_items (id SMALLINT PRIMARY KEY, label TEXT);
+INSERT INTO small_items VALUES (1, 's1'), (32767, 'max');
+
+CREATE TABLE big_items (id BIGINT PRIMARY KEY, label TEXT);
+INSERT INTO big_items VALUES (9007199254740993, 'beyond f64'), (1, 'one');
+"#;
+
+// ---------------------------------------------------------------------------
+// small utilities
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+fn running_as_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// The PostgreSQL binaries: `pg_config --bindir`, else the newest
+/// /usr/lib/postgresql/*/bin that has initdb.
+pub fn pg_bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if p.join("initdb").exists() {
+                return p;
+            }
+        }
+    }
+    let mut dirs: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let v: u32 = e.file_name().to_string_lossy().parse().ok()?;
+                    let bin = e.path().join("bin");
+                    bin.join("initdb").exists().then_some((v, bin))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.pop()
+        .map(|(_, p)| p)
+        .expect("PostgreSQL binaries not found (set PG_BINDIR or install postgresql)")
+}
+
+/// uid and gid of the `postgres` system user.
+fn postgres_ids() -> (u32, u32) {
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("run id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("running as root, but there is no `postgres` user to run PostgreSQL as")
+    };
+    (id("-u"), id("-g"))
+}
+
+/// Make a child die with the test (SIGKILL when the thread that spawned it
+/// exits), so a killed or aborted test run leaves no servers behind.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // the parent may have gone already
+            if libc::getppid() == 1 {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Run a PostgreSQL binary, as the `postgres` user when we are root
+/// (initdb and postgres refuse to run as root).
+fn pg_command(bin: &Path) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(bin);
+    if running_as_root() {
+        let (uid, gid) = postgres_ids();
+        c.uid(uid).gid(gid);
+    }
+    c
+}
+
+fn run_checked(mut cmd: Command, what: &str) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Run an async PostgreSQL job to completion on a private thread and
+/// runtime, so sync tests and async tests can both call it.
+fn on_pg_thread<T, F, Fut>(f: F) -> T
+where
+    T: Send,
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = T>,
+{
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+/// Unix time in seconds, as a float.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL
+
+/// A private PostgreSQL cluster in a temporary directory.
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+    port: u16,
+    /// The postmaster, our child while running.
+    child: Option<Child>,
+}
+
+impl PgServer {
+    /// initdb, start, create `DB_NAME` with `pg_stat_statements` and the
+    /// standard schema.
+    pub fn start_new() -> PgServer {
+        Self::start_with_schema(SCHEMA)
+    }
+
+    pub fn start_with_schema(schema: &str) -> PgServer {
+        let bindir = pg_bindir();
+        let dir = tempfile::Builder::new()
+            .prefix("pgcache-test-pg-")
+            .tempdir()
+            .expect("tempdir");
+        if running_as_root() {
+            run_checked(
+                {
+                    let mut c = Command::new("chown");
+                    c.args(["-R", "postgres:postgres"]).arg(dir.path());
+                    c
+                },
+                "chown data dir",
+            );
+        }
+        let data = dir.path().join("data");
+        let mut initdb = pg_command(&bindir.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8"])
+            .args(["--locale=C", "--no-sync", "--no-instructions"]);
+        run_checked(initdb, "initdb");
+
+        let mut pg = PgServer {
+            dir,
+            bindir,
+            port: 0,
+            child: None,
+        };
+        // The port is chosen before the server binds it; retry on a race.
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            pg.port = free_port();
+            pg.write_conf();
+            match pg.try_start() {
+                Ok(()) => {
+                    last_err.clear();
+                    break;
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        if !last_err.is_empty() {
+            panic!("PostgreSQL did not start: {last_err}");
+        }
+        pg.setup(schema);
+        pg
+    }
+
+    fn write_conf(&self) {
+        let conf = format!(
+            "\n# pgcache test harness\n\
+             listen_addresses = '127.0.0.1'\n\
+             port = {port}\n\
+             unix_socket_directories = '{sock}'\n\
+             shared_preload_libraries = 'pg_stat_statements'\n\
+             pg_stat_statements.track = all\n\
+             pg_stat_statements.track_utility = off\n\
+             fsync = off\n\
+             synchronous_commit = off\n\
+             full_page_writes = off\n\
+             shared_buffers = 16MB\n\
+             max_connections = 100\n\
+             log_min_messages = warning\n",
+            port = self.port,
+            sock = self.dir.path().display(),
+        );
+        let path = self.data_dir().join("postgresql.auto.conf");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .expect("open postgresql.auto.conf");
+        f.write_all(conf.as_bytes()).unwrap();
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| e.to_string())?;
+        let mut cmd = pg_command(&self.bindir.join("postgres"));
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|e| format!("spawn postgres: {e}"))?;
+        self.child = Some(child);
+        // ready when a query answers
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
+                self.child = None;
+                return Err(format!(
+                    "postgres exited ({status}); log:\n{}",
+                    tail(&self.log(), 20)
+                ));
+            }
+            let cs = self.conn_string_for("postgres");
+            let ok = on_pg_thread(|| async move {
+                match tokio_postgres::connect(&cs, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(conn);
+                        c.simple_query("SELECT 1").await.is_ok()
+                    }
+                    Err(_) => false,
+                }
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "postgres not ready; log:\n{}",
+                    tail(&self.log(), 20)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Start again on the same port and data directory (after `stop`).
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "PostgreSQL is already running");
+        if let Err(e) = self.try_start() {
+            panic!("PostgreSQL restart failed: {e}");
+        }
+    }
+
+    /// Fast shutdown (SIGINT, as `pg_ctl stop -m fast`): terminates every
+    /// session, then exits. Waits until it has.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("PostgreSQL is not running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        }
+        child.wait().expect("wait for postgres");
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn conn_string(&self) -> String {
+        self.conn_string_for(DB_NAME)
+    }
+
+    pub fn conn_string_for(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={} connect_timeout=10",
+            self.port, db
+        )
+    }
+
+    /// The module arguments that point pgcache at this server.
+    pub fn module_args(&self) -> Vec<String> {
+        vec![
+            "pg_host".into(),
+            "127.0.0.1".into(),
+            "pg_port".into(),
+            self.port.to_string(),
+            "pg_database".into(),
+            DB_NAME.into(),
+            "pg_user".into(),
+            "postgres".into(),
+        ]
+    }
+
+    /// A tokio-postgres client; its connection task runs on the caller's
+    /// runtime.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.conn_string()).await
+    }
+
+    fn setup(&self, schema: &str) {
+        let admin = self.conn_string_for("postgres");
+        let main = self.conn_string();
+        on_pg_thread(|| async move {
+            let c = connect(&admin).await;
+            c.batch_execute(&format!("CREATE DATABASE {DB_NAME}"))
+                .await
+                .expect("create database");
+            drop(c);
+            let c = connect(&main).await;
+            c.batch_execute("CREATE EXTENSION pg_stat_statements")
+                .await
+                .expect("create extension pg_stat_statements");
+            c.batch_execute(schema).await.expect("load schema");
+            c.batch_execute("ANALYZE").await.unwrap();
+        });
+    }
+
+    /// Run SQL statements (no results) on the test database. Not counted by
+    /// `queries_on` (the first statement carries the harness marker).
+    pub fn execute(&self, sql: &str) {
+        let cs = self.conn_string();
+        let sql = format!("{HARNESS_MARK} {sql}");
+        let sql = sql.as_str();
+        on_pg_thread(|| async move {
+            connect(&cs)
+                .await
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("SQL failed: {sql}: {e:?}"))
+        })
+    }
+
+    /// Run one query; the first column of every row, as text.
+    /// The query should yield text (cast with `::text`).
+    pub fn query_texts(&self, sql: &str) -> Vec<Option<String>> {
+        let cs = self.conn_string();
+        let sql = format!("{HARNESS_MARK} {sql}");
+        on_pg_thread(|| async move {
+            connect(&cs)
+                .await
+                .query(sql.as_str(), &[])
+                .await
+                .unwrap_or_else(|e| panic!("SQL failed: {sql}: {e:?}"))
+                .iter()
+                .map(|r| r.get::<_, Option<String>>(0))
+                .collect()
+        })
+    }
+
+    /// The first column of the first row as text.
+    pub fn query_text(&self, sql: &str) -> Option<String> {
+        self.query_texts(sql).into_iter().next().flatten()
+    }
+
+    /// `row_to_json` of the rows of `from` (a table name as SQL, e.g.
+    /// `users` or `"MixedCase"`) selected by `where_sql`, as PostgreSQL
+    /// renders it.
+    pub fn row_json(&self, from: &str, where_sql: &str) -> Option<Value> {
+        self.query_text(&format!(
+            "SELECT row_to_json(t)::text FROM {from} t WHERE {where_sql}"
+        ))
+        .map(|s| serde_json::from_str(&s).expect("row_to_json is JSON"))
+    }
+
+    /// `SELECT row_to_json(t)::text` as a raw string.
+    pub fn row_json_text(&self, from: &str, where_sql: &str) -> Option<String> {
+        self.query_text(&format!(
+            "SELECT row_to_json(t)::text FROM {from} t WHERE {where_sql}"
+        ))
+    }
+
+    /// Forget the statistics of `pg_stat_statements`.
+    pub fn reset_stats(&self) {
+        self.query_texts("SELECT pg_stat_statements_reset()::text");
+    }
+
+    /// Sum of `calls` of the statements (in the test database) whose text
+    /// names `table`, leaving out the harness's own queries.
+    pub fn queries_on(&self, table: &str) -> i64 {
+        let pattern = table
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let sql = format!(
+            "SELECT COALESCE(sum(calls), 0)::text FROM pg_stat_statements s \
+             WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND s.query ILIKE '%{}%' \
+               AND s.query NOT ILIKE '%pg_stat_statements%' \
+               AND s.query NOT ILIKE '%pgcache-harness%'",
+            pattern.replace('\'', "''")
+        );
+        self.query_text(&sql).unwrap().parse().unwrap()
+    }
+
+    /// Every statement pg_stat_statements saw in the test database (for
+    /// failure messages).
+    pub fn statements(&self) -> String {
+        self.query_texts(
+            "SELECT calls || ' x ' || query FROM pg_stat_statements s \
+             WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND s.query NOT ILIKE '%pgcache-harness%' ORDER BY calls DESC",
+        )
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("\n")
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- postgres log tail ({}) ----\n{}",
+                self.log_path().display(),
+                tail(&self.log(), 30)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            // immediate shutdown: the data directory is thrown away
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGQUIT);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn connect(conn: &str) -> tokio_postgres::Client {
+    let mut last = None;
+    for _ in 0..50 {
+        match tokio_postgres::connect(conn, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                return client;
+            }
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    panic!("cannot connect to PostgreSQL ({conn}): {last:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+
+/// The module under test: `$PGCACHE_MODULE`, else target/release/libpgcache.so.
+pub fn module_path() -> PathBuf {
+    let p = match std::env::var_os("PGCACHE_MODULE") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/libpgcache.so"),
+    };
+    if !p.exists() {
+        panic!(
+            "pgcache module not found at {}: run `cargo build --release` first \
+             (or set PGCACHE_MODULE)",
+            p.display()
+        );
+    }
+    p
+}
+
+pub fn redis_server_bin() -> PathBuf {
+    std::env::var_os("REDIS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("redis-server"))
+}
+
+/// A `redis-server` with pgcache loaded, on a free port.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// What happened when a server was started with some module arguments.
+pub enum Start {
+    Up(RedisServer),
+    /// The server exited; the text is its log.
+    Refused(String),
+}
+
+impl RedisServer {
+    /// Start with the module and these module arguments; panics (with the
+    /// log) if the server does not come up.
+    pub fn start<S: AsRef<str>>(module_args: &[S]) -> RedisServer {
+        match Self::try_start(module_args) {
+            Start::Up(r) => r,
+            Start::Refused(log) => {
+                panic!(
+                    "redis-server with pgcache did not start; log:\n{}",
+                    tail(&log, 40)
+                )
+            }
+        }
+    }
+
+    /// Start pointed at `pg`, plus `extra` module arguments.
+    pub fn with_pg(pg: &PgServer, extra: &[&str]) -> RedisServer {
+        let mut args = pg.module_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start(&args)
+    }
+
+    /// Start, expecting the module load to be refused; returns the log.
+    pub fn start_expect_refused<S: AsRef<str>>(module_args: &[S]) -> String {
+        match Self::try_start(module_args) {
+            Start::Up(r) => panic!(
+                "redis-server started although the module arguments {:?} are invalid; log:\n{}",
+                module_args.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
+                tail(&r.log(), 20)
+            ),
+            Start::Refused(log) => log,
+        }
+    }
+
+    pub fn try_start<S: AsRef<str>>(module_args: &[S]) -> Start {
+        Self::launch(Some(&module_path()), module_args)
+    }
+
+    /// A plain redis-server without the module (to check the harness).
+    pub fn start_plain() -> RedisServer {
+        match Self::launch::<&str>(None, &[]) {
+            Start::Up(r) => r,
+            Start::Refused(log) => panic!("plain redis-server did not start:\n{log}"),
+        }
+    }
+
+    fn launch<S: AsRef<str>>(module: Option<&Path>, module_args: &[S]) -> Start {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::Builder::new()
+                .prefix("pgcache-test-redis-")
+                .tempdir()
+                .expect("tempdir");
+            let port = free_port();
+            let log = dir.path().join("redis.log");
+            let mut cmd = Command::new(redis_server_bin());
+            cmd.arg("--port")
+                .arg(port.to_string())
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--logfile")
+                .arg(&log);
+            if let Some(module) = module {
+                cmd.arg("--loadmodule").arg(module);
+                for a in module_args {
+                    cmd.arg(a.as_ref());
+                }
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            die_with_parent(&mut cmd);
+            let child = cmd.spawn().expect("spawn redis-server");
+            let mut server = RedisServer { child, port, dir };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(_status)) = server.child.try_wait() {
+                    let text = server.log();
+                    if text.contains("Address already in use") {
+                        last = text;
+                        break; // retry on another port
+                    }
+                    return Start::Refused(text);
+                }
+                if server.raw_ping() {
+                    return Start::Up(server);
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "redis-server neither answered PING nor exited; log:\n{}",
+                        tail(&server.log(), 40)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("could not find a free port for redis-server; log:\n{last}");
+    }
+
+    /// PING over a plain socket (used only while waiting for start-up).
+    fn raw_ping(&self) -> bool {
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    /// A sync connection whose reads give up after `HANG`.
+    pub fn con(&self) -> redis::Connection {
+        let c = self
+            .client()
+            .get_connection_with_timeout(Duration::from_secs(10))
+            .expect("connect to redis");
+        c.set_read_timeout(Some(HANG)).unwrap();
+        c.set_write_timeout(Some(HANG)).unwrap();
+        c
+    }
+
+    pub async fn async_con(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("async connect to redis")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// Is the process still running and answering PING?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None)) && self.raw_ping()
+    }
+
+    /// `PGCACHE.STATS`, parsed.
+    pub fn stats(&self) -> Value {
+        let mut c = self.con();
+        stats(&mut c)
+    }
+
+    pub fn stat(&self, name: &str) -> i64 {
+        stat_of(&self.stats(), name)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- redis log tail (port {}) ----\n{}",
+                self.port,
+                tail(&self.log(), 40)
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// command helpers
+
+/// The text of an error reply as the server sent it: `ERR ...`.
+pub fn err_text(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
+}
+
+/// Assert that `r` is an error reply from the server starting with `ERR`
+/// and return its text.
+#[track_caller]
+pub fn expect_err<T: std::fmt::Debug>(r: redis::RedisResult<T>, what: &str) -> String {
+    match r {
+        Ok(v) => panic!("{what}: expected an ERR reply, got {v:?}"),
+        Err(e) => {
+            assert!(
+                e.kind() == redis::ErrorKind::ResponseError,
+                "{what}: expected an ERR error reply, got {:?}: {e}",
+                e.kind()
+            );
+            err_text(&e)
+        }
+    }
+}
+
+/// Assert that the error text mentions every word (case-insensitive).
+#[track_caller]
+pub fn assert_mentions(text: &str, words: &[&str], what: &str) {
+    let lower = text.to_lowercase();
+    for w in words {
+        assert!(
+            lower.contains(&w.to_lowercase()),
+            "{what}: error reply should name {w:?}; got {text:?}"
+        );
+    }
+}
+
+pub fn read(
+    con: &mut redis::Connection,
+    table: &str,
+    pk: &str,
+) -> redis::RedisResult<Option<String>> {
+    redis::cmd("PGCACHE.READ").arg(table).arg(pk).query(con)
+}
+
+pub fn read_ttl(
+    con: &mut redis::Connection,
+    table: &str,
+    pk: &str,
+    ttl: &str,
+) -> redis::RedisResult<Option<String>> {
+    redis::cmd("PGCACHE.READ")
+        .arg(table)
+        .arg(pk)
+        .arg(ttl)
+        .query(con)
+}
+
+/// READ that must succeed with a row; returns it parsed.
+#[track_caller]
+pub fn read_row(con: &mut redis::Connection, table: &str, pk: &str) -> Value {
+    let s = read(con, table, pk)
+        .unwrap_or_else(|e| panic!("PGCACHE.READ {table} {pk} failed: {e}"))
+        .unwrap_or_else(|| panic!("PGCACHE.READ {table} {pk} returned nil"));
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("READ reply is not JSON ({e}): {s:?}"))
+}
+
+pub fn multiread(
+    con: &mut redis::Connection,
+    table: &str,
+    pks: &str,
+) -> redis::RedisResult<String> {
+    redis::cmd("PGCACHE.MULTIREAD")
+        .arg(table)
+        .arg(pks)
+        .query(con)
+}
+
+pub fn write(
+    con: &mut redis::Connection,
+    table: &str,
+    pk: &str,
+    data: &str,
+) -> redis::RedisResult<String> {
+    redis::cmd("PGCACHE.WRITE")
+        .arg(table)
+        .arg(pk)
+        .arg(data)
+        .query(con)
+}
+
+pub fn invalidate(
+    con: &mut redis::Connection,
+    table: &str,
+    pk: &str,
+) -> redis::RedisResult<String> {
+    redis::cmd("PGCACHE.INVALIDATE")
+        .arg(table)
+        .arg(pk)
+        .query(con)
+}
+
+pub fn ttl(con: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("TTL").arg(key).query(con).unwrap()
+}
+
+pub fn exists(con: &mut redis::Connection, key: &str) -> bool {
+    redis::cmd("EXISTS").arg(key).query::<i64>(con).unwrap() == 1
+}
+
+/// All keys matching a pattern (SCAN-free: the test databases are small).
+pub fn keys(con: &mut redis::Connection, pattern: &str) -> Vec<String> {
+    let mut k: Vec<String> = redis::cmd("KEYS").arg(pattern).query(con).unwrap();
+    k.sort();
+    k
+}
+
+pub fn ping(con: &mut redis::Connection) -> bool {
+    matches!(redis::cmd("PING").query::<String>(con), Ok(s) if s == "PONG")
+}
+
+pub fn stats(con: &mut redis::Connection) -> Value {
+    let s: String = redis::cmd("PGCACHE.STATS")
+        .query(con)
+        .expect("PGCACHE.STATS");
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("STATS is not JSON ({e}): {s}"))
+}
+
+pub async fn stats_async(con: &mut redis::aio::MultiplexedConnection) -> Value {
+    let s: String = redis::cmd("PGCACHE.STATS")
+        .query_async(con)
+        .await
+        .expect("PGCACHE.STATS");
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("STATS is not JSON ({e}): {s}"))
+}
+
+#[track_caller]
+pub fn stat_of(stats: &Value, name: &str) -> i64 {
+    stats
+        .get(name)
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("PGCACHE.STATS has no integer field {name:?}: {stats}"))
+}
+
+/// Parse a JSON reply.
+#[track_caller]
+pub fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// a delaying TCP proxy
+
+/// A TCP proxy in front of PostgreSQL that delays each chunk travelling from
+/// PostgreSQL to the client by `delay_ms` (changeable at run time).
+pub struct DelayProxy {
+    port: u16,
+    delay_ms: Arc<AtomicU64>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DelayProxy {
+    pub fn start(target_port: u16) -> DelayProxy {
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let delay = delay_ms.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let accept = async {
+                    loop {
+                        let Ok((client, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let delay = delay.clone();
+                        tokio::spawn(async move {
+                            let _ = proxy_conn(client, target_port, delay).await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = rx => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        DelayProxy {
+            port,
+            delay_ms,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn set_delay_ms(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    pub fn delay_handle(&self) -> Arc<AtomicU64> {
+        self.delay_ms.clone()
+    }
+
+    /// Module arguments that send pgcache through this proxy to `pg`.
+    pub fn module_args(&self) -> Vec<String> {
+        vec![
+            "pg_host".into(),
+            "127.0.0.1".into(),
+            "pg_port".into(),
+            self.port.to_string(),
+            "pg_database".into(),
+            DB_NAME.into(),
+            "pg_user".into(),
+            "postgres".into(),
+        ]
+    }
+}
+
+async fn proxy_conn(
+    client: tokio::net::TcpStream,
+    target_port: u16,
+    delay: Arc<AtomicU64>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await?;
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = async {
+        let r = tokio::io::copy(&mut cr, &mut sw).await;
+        let _ = sw.shutdown().await;
+        r
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = sr.read(&mut buf).await?;
+            if n == 0 {
+                let _ = cw.shutdown().await;
+                return Ok::<_, std::io::Error>(());
+            }
+            let d = delay.load(Ordering::SeqCst);
+            if d > 0 {
+                tokio::time::sleep(Duration::from_millis(d)).await;
+            }
+            cw.write_all(&buf[..n]).await?;
+        }
+    };
+    let _ = tokio::join!(up, down);
+    Ok(())
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// holding fills in flight, deterministically
+
+/// A transaction that holds `LOCK TABLE ... IN ACCESS EXCLUSIVE MODE`, so
+/// that fills reading the table wait until `release`.
+pub struct TableLock {
+    client: tokio_postgres::Client,
+}
+
+impl PgServer {
+    pub async fn lock_table(&self, table_sql: &str) -> TableLock {
+        let client = self.client().await;
+        client.batch_execute("BEGIN").await.unwrap();
+        client
+            .batch_execute(&format!(
+                "{HARNESS_MARK} LOCK TABLE {table_sql} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .await
+            .unwrap();
+        TableLock { client }
+    }
+}
+
+impl TableLock {
+    /// Run SQL inside the locking transaction.
+    pub async fn execute(&self, sql: &str) {
+        self.client
+            .batch_execute(&format!("{HARNESS_MARK} {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("SQL failed: {sql}: {e:?}"));
+    }
+
+    pub async fn release(self) {
+        self.client.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+/// Poll `PGCACHE.STATS` until `name` >= `min`; panics after `HANG`.
+pub async fn wait_for_stat(
+    con: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    min: i64,
+) -> Value {
+    let deadline = Instant::now() + HANG;
+    loop {
+        let s = stats_async(con).await;
+        if stat_of(&s, name) >= min {
+            return s;
+        }
+        if Instant::now() > deadline {
+            panic!("STATS {name} never reached {min}: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn aread(
+    con: &mut redis::aio::MultiplexedConnection,
+    table: &str,
+    pk: &str,
+) -> redis::RedisResult<Option<String>> {
+    match tokio::time::timeout(
+        HANG,
+        redis::cmd("PGCACHE.READ")
+            .arg(table)
+            .arg(pk)
+            .query_async(con),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => panic!("PGCACHE.READ {table} {pk}: no reply within {HANG:?}"),
+    }
+}
