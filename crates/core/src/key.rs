@@ -188,11 +188,11 @@ fn int_value(v: &Value, min: i64, max: i64, ty: &str) -> Result<(String, String)
     let n = match v {
         Value::Number(n) => n
             .as_i64()
-            .ok_or_else(|| format!("{n} is not a {ty} (out of range or not an integer)"))?,
+            .ok_or_else(|| format!("{n} is not a valid {ty} (out of range or not an integer)"))?,
         Value::String(s) => {
-            parse_pg_int(s).ok_or_else(|| format!("'{}' is not a {ty}", clip(s)))?
+            parse_pg_int(s).ok_or_else(|| format!("'{}' is not a valid {ty}", clip(s)))?
         }
-        _ => return Err(format!("expected a {ty}")),
+        _ => return Err(format!("expected an integer ({ty})")),
     };
     if n < min || n > max {
         return Err(format!("{n} is out of range for type {ty}"));
