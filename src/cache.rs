@@ -49,6 +49,9 @@ pub enum Lookup<'a> {
 
 /// Opens `key` for reading and hands its value to `f` without copying it.
 pub fn with_entry<R>(ctx: &Context, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
+    if !crate::invalidation::entries_trusted() {
+        return f(Lookup::Missing);
+    }
     let name = ctx.create_string(key);
     let entry = ctx.open_key(&name);
     match entry.key_type() {
@@ -104,11 +107,22 @@ pub fn store(ctx: &Context, key: &str, value: &str, ttl: u64) -> Result<(), Stri
     result.map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// Deletes an entry, replicated.
-pub fn delete(ctx: &Context, key: &str) -> Result<(), String> {
+/// Deletes an entry, replicated; returns how many keys were deleted.
+pub fn delete(ctx: &Context, key: &str) -> Result<u64, String> {
+    delete_many(ctx, &[key.as_bytes()])
+}
+
+/// Deletes entries with one replicated DEL.
+pub fn delete_many(ctx: &Context, keys: &[&[u8]]) -> Result<u64, String> {
     let opts = CallOptionsBuilder::new().replicate().build();
-    let result: CallResult = ctx.call_ext("DEL", &opts, &[key][..]);
-    result.map(|_| ()).map_err(|e| e.to_string())
+    let result: CallResult = ctx.call_ext("DEL", &opts, keys);
+    match result {
+        Ok(reply) => Ok(match redis_module::RedisValue::from(&reply) {
+            redis_module::RedisValue::Integer(n) => n.max(0) as u64,
+            _ => 0,
+        }),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn now() -> f64 {
@@ -125,7 +139,37 @@ pub fn publish(
     ty: EventType,
     table: &TableSchema,
     key_json: &str,
-    source: Option<Source>,
+    source: Option<(Source, Option<&str>)>,
+) {
+    publish_json(ctx, settings, ty, &table.table_json, key_json, source);
+}
+
+/// `publish` for a table known only by its key name (a gap flush).
+pub fn publish_named(
+    ctx: &Context,
+    settings: &Settings,
+    ty: EventType,
+    table: &str,
+    key_json: &str,
+    source: Option<(Source, Option<&str>)>,
+) {
+    publish_json(
+        ctx,
+        settings,
+        ty,
+        &pgcache_core::event::table_json(table),
+        key_json,
+        source,
+    );
+}
+
+fn publish_json(
+    ctx: &Context,
+    settings: &Settings,
+    ty: EventType,
+    table_json: &str,
+    key_json: &str,
+    source: Option<(Source, Option<&str>)>,
 ) {
     let mask = settings.events;
     let on = match ty {
@@ -137,13 +181,7 @@ pub fn publish(
     if !on {
         return;
     }
-    let msg = event_json(
-        ty,
-        &table.table_json,
-        key_json,
-        now(),
-        source.map(|s| (s, None)),
-    );
+    let msg = event_json(ty, table_json, key_json, now(), source);
     let channel = RedisString::create(None, settings.events_channel.as_str());
     let message = RedisString::create(None, msg.as_str());
     unsafe {

@@ -79,17 +79,23 @@ entry_points! {
     write_entry => write_cmd,
     invalidate_entry => invalidate_cmd,
     stats_entry => stats_cmd,
+    invalidate_table_entry => invalidate_table_cmd,
 }
 
 /// Registers the commands. Keys are derived from the arguments, so none is
 /// declared (first/last/step 0); the flags say what each command does.
 pub fn register(ctx: &Context) -> Result<(), String> {
-    let commands: [(&str, raw::RedisModuleCmdFunc, &str); 5] = [
+    let commands: [(&str, raw::RedisModuleCmdFunc, &str); 6] = [
         ("pgcache.read", Some(read_entry), "readonly"),
         ("pgcache.multiread", Some(multiread_entry), "readonly"),
         ("pgcache.write", Some(write_entry), "write deny-oom"),
         ("pgcache.invalidate", Some(invalidate_entry), "write"),
         ("pgcache.stats", Some(stats_entry), "readonly fast"),
+        (
+            "pgcache.invalidate_table",
+            Some(invalidate_table_entry),
+            "write",
+        ),
     ];
     for (name, func, flags) in commands {
         let c_name = CString::new(name).map_err(|e| e.to_string())?;
@@ -434,6 +440,7 @@ fn write_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
                     .fills
                     .invalidate(&(cache::selected_db(ctx), key.clone()));
                 cache::store(ctx, &key, &data, ttl.unwrap_or(settings.default_ttl)).map_err(err)?;
+                crate::invalidation::mark_db_used(cache::selected_db(ctx));
                 STATS.writes.fetch_add(1, Ordering::Relaxed);
                 cache::publish(ctx, &settings, EventType::Write, &table, &pk.json, None);
                 Ok(RedisValue::SimpleStringStatic("OK"))
@@ -463,6 +470,7 @@ fn invalidate_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
                     .fills
                     .invalidate(&(cache::selected_db(ctx), key.clone()));
                 cache::delete(ctx, &key).map_err(err)?;
+                crate::invalidation::mark_db_used(cache::selected_db(ctx));
                 STATS.invalidations.fetch_add(1, Ordering::Relaxed);
                 cache::publish(
                     ctx,
@@ -470,11 +478,42 @@ fn invalidate_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
                     EventType::Invalidate,
                     &table,
                     &pk.json,
-                    Some(Source::Command),
+                    Some((Source::Command, None)),
                 );
                 Ok(RedisValue::SimpleStringStatic("OK"))
             })();
             responder.answer(result)
+        }),
+    )
+}
+
+/// PGCACHE.INVALIDATE_TABLE <table>: drops every entry of the table a batch
+/// at a time in the background (Redis keeps serving), then answers how many.
+fn invalidate_table_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
+    if args.len() != 2 {
+        return Err(RedisError::WrongArity);
+    }
+    with_table(
+        ctx,
+        args[1],
+        Box::new(move |ctx, table, responder| {
+            if let Err(e) = check_allowed(&SETTINGS.load(), &table) {
+                return responder.answer(Err(e));
+            }
+            let replier = responder.into_replier(ctx);
+            state::runtime().spawn(async move {
+                let inner = state::runtime().spawn(crate::invalidation::flush(
+                    crate::invalidation::Scope::Table(table),
+                    Source::Flush,
+                ));
+                match inner.await {
+                    Ok(n) => replier.reply(Ok(RedisValue::Integer(n as i64))),
+                    Err(_) => {
+                        replier.reply(Err(err("pgcache: internal error while flushing the table")))
+                    }
+                }
+            });
+            Ok(RedisValue::NoReply)
         }),
     )
 }

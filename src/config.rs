@@ -44,6 +44,11 @@ impl ConfigurationValue<RedisString> for Param {
                     .map_err(|e| RedisError::String(e.to_string()))?;
             }
         }
+        if (affects_connection(self.0) || self.0 == "invalidation_channel")
+            && state::pg_if_ready().is_some()
+        {
+            crate::invalidation::start_listener();
+        }
         Ok(())
     }
 }

@@ -287,6 +287,7 @@ fn complete(ctx: &Context, plan: &FillPlan, key: &str, id: FillId, outcome: &Out
     match outcome {
         Ok(row) if finished.cacheable && !cache::is_replica(ctx) => {
             cache::select_db(ctx, plan.db);
+            crate::invalidation::mark_db_used(plan.db);
             let stored = match row {
                 Some(json) => cache::store(ctx, key, json, plan.ttl),
                 None if plan.negative_ttl > 0 => {

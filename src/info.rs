@@ -24,6 +24,18 @@ fn figures() -> Vec<(&'static str, i64)> {
         ("invalidations", load(&STATS.invalidations)),
         ("catalog_tables", catalog_tables),
     ];
+    let l = &*crate::invalidation::LISTENER_STATS;
+    out.extend([
+        ("notifications_received", load(&l.notifications_received)),
+        ("notifications_ignored", load(&l.notifications_ignored)),
+        ("entries_invalidated", load(&l.entries_invalidated)),
+        ("listener_reconnects", load(&l.reconnects)),
+        ("flushes", load(&l.flushes)),
+        (
+            "gap_flush_running",
+            i64::from(!crate::invalidation::entries_trusted()),
+        ),
+    ]);
     if let Some(pg) = state::pg_if_ready() {
         let s = &pg.stats;
         let queries = load(&s.queries);
@@ -47,10 +59,14 @@ fn figures() -> Vec<(&'static str, i64)> {
 }
 
 pub fn stats_json() -> String {
-    let map: serde_json::Map<String, serde_json::Value> = figures()
+    let mut map: serde_json::Map<String, serde_json::Value> = figures()
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.into()))
         .collect();
+    map.insert(
+        "listener".into(),
+        crate::invalidation::listener_state_name().into(),
+    );
     serde_json::Value::Object(map).to_string()
 }
 
@@ -59,6 +75,7 @@ pub fn add_info(ctx: &InfoContext, _for_crash_report: bool) {
     // Called on the main thread; a panic here would abort Redis.
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         ctx.add_info_section(None);
+        ctx.add_info_field_str("listener", crate::invalidation::listener_state_name());
         for (name, value) in figures() {
             ctx.add_info_field_long_long(name, value);
         }

@@ -10,6 +10,7 @@ mod commands;
 mod config;
 mod fill;
 mod info;
+mod invalidation;
 mod state;
 
 use info::add_info;
@@ -24,6 +25,15 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             Status::Err
         }
     }
+}
+
+/// A replica neither LISTENs nor writes; a replica promoted to primary
+/// starts its listener (and drops what it holds, as after any gap).
+#[redis_module_macros::role_changed_event_handler]
+fn role_changed(_ctx: &Context, role: redis_module::server_events::ServerRole) {
+    let replica = role == redis_module::server_events::ServerRole::Replica;
+    invalidation::IS_REPLICA.store(replica, std::sync::atomic::Ordering::Relaxed);
+    invalidation::start_listener();
 }
 
 fn deinit(ctx: &Context) -> Status {

@@ -119,6 +119,11 @@ pub fn init(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
     let _ = RUNTIME.set(runtime);
     let pg = Pg::new(&SETTINGS.load()).map_err(|e| e.to_string())?;
     let _ = PG.set(pg);
+    crate::invalidation::IS_REPLICA.store(
+        crate::cache::is_replica(ctx),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    crate::invalidation::start_listener();
     let s = SETTINGS.load();
     ctx.log_notice(&format!(
         "pgcache: loaded; PostgreSQL {} (pool {}), key prefix '{}'",

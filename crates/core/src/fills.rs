@@ -112,6 +112,15 @@ impl<K: Eq + Hash + Clone, W> FillRegistry<K, W> {
         keys.len()
     }
 
+    /// An invalidation of everything (a gap in the notifications).
+    pub fn invalidate_all(&mut self) -> usize {
+        let keys: Vec<K> = self.active.keys().cloned().collect();
+        for key in &keys {
+            self.invalidate(key);
+        }
+        keys.len()
+    }
+
     /// Ends fill `id` of `key`. `None` when it was already finished.
     pub fn finish(&mut self, key: &K, id: FillId) -> Option<Finished<W>> {
         if self.active.get(key).is_some_and(|f| f.id == id) {

@@ -7,6 +7,7 @@
 mod catalog;
 mod config;
 mod error;
+pub mod listener;
 
 pub use config::connect_config;
 pub use error::PgError;

@@ -1,0 +1,401 @@
+//! Invalidation: the listener's notifications, table flushes
+//! (PGCACHE.INVALIDATE_TABLE and TRUNCATE) and the flush after a gap.
+//!
+//! No gap: notifications sent while the listener is disconnected are lost,
+//! so when it (re)connects every entry cached before is dropped by a
+//! background flush, and until that flush ends no cached entry is served
+//! (reads go to PostgreSQL). The module starts in that state too, so entries
+//! loaded from an RDB or AOF file are never served as fresh.
+
+use crate::cache;
+use crate::fill::with_gil;
+use crate::state::{self, shared, SETTINGS};
+use pgcache_core::event::{EventType, Source};
+use pgcache_core::notify::{parse_payload, row_keys, Operation};
+use pgcache_core::{cache_key, TableSchema};
+use pgcache_pg::listener::{self, ListenerEvent};
+use redis_module::{Context, KeysCursor};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Listener states, as INFO shows them.
+pub const LISTENER_OFF: u8 = 0;
+pub const LISTENER_CONNECTING: u8 = 1;
+pub const LISTENER_CONNECTED: u8 = 2;
+pub const LISTENER_DISCONNECTED: u8 = 3;
+
+pub static LISTENER_STATE: AtomicU8 = AtomicU8::new(LISTENER_OFF);
+
+pub fn listener_state_name() -> &'static str {
+    match LISTENER_STATE.load(Ordering::Relaxed) {
+        LISTENER_CONNECTING => "connecting",
+        LISTENER_CONNECTED => "connected",
+        LISTENER_DISCONNECTED => "disconnected",
+        _ => "off",
+    }
+}
+
+/// While set, cached entries are not served: a gap flush is running.
+pub static GAP_FLUSH: AtomicBool = AtomicBool::new(false);
+static GAP_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Databases that may hold entries (bit n: database n; bit 63: 63 and up).
+static USED_DBS: AtomicU64 = AtomicU64::new(0);
+
+pub fn mark_db_used(db: i32) {
+    USED_DBS.fetch_or(1u64 << db.clamp(0, 63), Ordering::Relaxed);
+}
+
+fn used_dbs() -> Vec<i32> {
+    let bits = USED_DBS.load(Ordering::Relaxed);
+    let mut dbs: Vec<i32> = (0..63).filter(|b| bits & (1u64 << b) != 0).collect();
+    if bits & (1u64 << 63) != 0 {
+        // Rare: databases past 62 are all visited.
+        dbs.extend(63..databases());
+    }
+    dbs
+}
+
+fn databases() -> i32 {
+    let mut n = 16;
+    with_gil(|ctx| {
+        if let Ok(redis_module::RedisValue::Array(v)) =
+            ctx.call("CONFIG", &["GET", "databases"][..])
+        {
+            if let Some(
+                redis_module::RedisValue::SimpleString(s) | redis_module::RedisValue::BulkString(s),
+            ) = v.get(1)
+            {
+                n = s.parse().unwrap_or(16);
+            }
+        }
+    });
+    n
+}
+
+#[derive(Default)]
+pub struct ListenerStats {
+    pub notifications_received: AtomicU64,
+    pub notifications_ignored: AtomicU64,
+    pub entries_invalidated: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+pub static LISTENER_STATS: LazyLock<ListenerStats> = LazyLock::new(ListenerStats::default);
+
+static LISTENER_TASKS: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>> = Mutex::new(None);
+
+/// Whether this instance is a replica: it then neither LISTENs nor writes.
+pub static IS_REPLICA: AtomicBool = AtomicBool::new(false);
+
+/// Logs from any thread, without taking Redis's lock.
+fn log_warning(msg: &str) {
+    redis_module::logging::log_warning(msg);
+}
+
+/// Starts (or restarts) the listener, unless it is turned off or this
+/// instance is a replica (which serves what its primary replicates).
+pub fn start_listener() {
+    stop_listener();
+    let settings = SETTINGS.load();
+    if settings.invalidation_channel.is_empty() || IS_REPLICA.load(Ordering::Relaxed) {
+        GAP_FLUSH.store(false, Ordering::Relaxed);
+        return;
+    }
+    let config = match pgcache_pg::connect_config(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            GAP_FLUSH.store(false, Ordering::Relaxed);
+            log_warning(&format!("pgcache: listener not started: {e}"));
+            return;
+        }
+    };
+    // Until the listener is connected and the gap flush is over, nothing
+    // cached before is trusted.
+    GAP_FLUSH.store(true, Ordering::Relaxed);
+    LISTENER_STATE.store(LISTENER_CONNECTING, Ordering::Relaxed);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let rt = state::runtime();
+    let listen = rt.spawn(listener::run(
+        config,
+        settings.invalidation_channel.clone(),
+        tx,
+    ));
+    let handle = rt.spawn(handle_events(rx));
+    *LISTENER_TASKS.lock().unwrap_or_else(|e| e.into_inner()) = Some((listen, handle));
+}
+
+pub fn stop_listener() {
+    if let Some((listen, handle)) = LISTENER_TASKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        listen.abort();
+        handle.abort();
+    }
+    LISTENER_STATE.store(LISTENER_OFF, Ordering::Relaxed);
+}
+
+async fn handle_events(mut rx: mpsc::UnboundedReceiver<ListenerEvent>) {
+    while let Some(event) = rx.recv().await {
+        match event {
+            ListenerEvent::Connected => {
+                LISTENER_STATE.store(LISTENER_CONNECTED, Ordering::Relaxed);
+                with_gil(|ctx| {
+                    ctx.log_notice(
+                        "pgcache: invalidation listener connected; dropping entries cached before",
+                    )
+                });
+                begin_gap_flush();
+            }
+            ListenerEvent::Disconnected(reason) => {
+                let was = LISTENER_STATE.swap(LISTENER_DISCONNECTED, Ordering::Relaxed);
+                LISTENER_STATS.reconnects.fetch_add(1, Ordering::Relaxed);
+                if was != LISTENER_DISCONNECTED {
+                    with_gil(|ctx| {
+                        ctx.log_warning(&format!(
+                            "pgcache: invalidation listener disconnected: {reason}; reconnecting"
+                        ))
+                    });
+                }
+            }
+            ListenerEvent::Notification(payload) => {
+                LISTENER_STATS
+                    .notifications_received
+                    .fetch_add(1, Ordering::Relaxed);
+                // One at a time, in order; a panic in one is counted and
+                // the listener goes on.
+                if state::runtime()
+                    .spawn(handle_notification(payload))
+                    .await
+                    .is_err()
+                {
+                    LISTENER_STATS
+                        .notifications_ignored
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+fn ignored(why: String) {
+    LISTENER_STATS
+        .notifications_ignored
+        .fetch_add(1, Ordering::Relaxed);
+    with_gil(|ctx| ctx.log_debug(&format!("pgcache: notification ignored: {why}")));
+}
+
+async fn handle_notification(payload: String) {
+    let parsed = match parse_payload(&payload) {
+        Ok(p) => p,
+        Err(e) => return ignored(e.to_string()),
+    };
+    let table = match lookup_table(&parsed.table).await {
+        Ok(t) => t,
+        Err(e) => return ignored(format!("table {}: {e}", parsed.table)),
+    };
+    if parsed.operation == Operation::Truncate {
+        flush(Scope::Table(table), Source::Notify).await;
+        return;
+    }
+    let keys = match row_keys(&table, &parsed) {
+        Ok(k) => k,
+        Err(e) => return ignored(e.to_string()),
+    };
+    let op = parsed.operation.as_str();
+    with_gil(|ctx| {
+        let settings = SETTINGS.load();
+        let dbs = used_dbs();
+        for pk in &keys {
+            let key = cache_key(&settings.cache_prefix, &table, pk);
+            let mut dropped = false;
+            for &db in &dbs {
+                cache::select_db(ctx, db);
+                shared().fills.invalidate(&(db, key.clone()));
+                dropped |= cache::delete(ctx, &key).unwrap_or(0) > 0;
+            }
+            ctx.log_debug(&format!(
+                "pgcache: {op} on {} invalidates {key}",
+                table.key_name
+            ));
+            if dropped {
+                LISTENER_STATS
+                    .entries_invalidated
+                    .fetch_add(1, Ordering::Relaxed);
+                cache::publish(
+                    ctx,
+                    &settings,
+                    EventType::Invalidate,
+                    &table,
+                    &pk.json,
+                    Some((Source::Notify, Some(op))),
+                );
+            }
+        }
+    });
+}
+
+/// A table named by a payload or a command, from the catalog cache or
+/// PostgreSQL's catalog.
+pub async fn lookup_table(spelling: &str) -> Result<Arc<TableSchema>, pgcache_pg::PgError> {
+    if let Some(t) = shared().table(spelling.as_bytes()) {
+        return Ok(t);
+    }
+    let t = Arc::new(state::pg().resolve_table(spelling).await?);
+    shared().remember_table(spelling.as_bytes(), t.clone());
+    Ok(t)
+}
+
+fn begin_gap_flush() {
+    GAP_FLUSH.store(true, Ordering::Relaxed);
+    let generation = GAP_GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
+    state::runtime().spawn(async move {
+        let dropped = flush(Scope::All, Source::Flush).await;
+        // A newer gap restarted the flush: that one clears the flag.
+        if GAP_GENERATION.load(Ordering::Relaxed) == generation {
+            GAP_FLUSH.store(false, Ordering::Relaxed);
+        }
+        with_gil(|ctx| {
+            ctx.log_notice(&format!(
+                "pgcache: gap flush done, {dropped} entries dropped"
+            ))
+        });
+    });
+}
+
+pub enum Scope {
+    Table(Arc<TableSchema>),
+    All,
+}
+
+/// Keys visited per hold of Redis's lock: small enough that other clients
+/// wait at most a millisecond or two.
+const SCAN_BATCH: usize = 1000;
+
+struct Cursor(KeysCursor);
+// SAFETY: the cursor is only used while Redis's lock is held, by one task.
+unsafe impl Send for Cursor {}
+
+/// Drops every entry in scope, a batch at a time, letting Redis serve other
+/// clients between batches. Fills in flight for the scope are not cached.
+pub async fn flush(scope: Scope, source: Source) -> u64 {
+    LISTENER_STATS.flushes.fetch_add(1, Ordering::Relaxed);
+    let prefix = SETTINGS.load().cache_prefix.clone();
+    let key_prefix = match &scope {
+        Scope::Table(t) => format!("{prefix}{}:", t.key_name),
+        Scope::All => prefix,
+    };
+    with_gil(|_| {
+        let mut sh = shared();
+        match &scope {
+            Scope::Table(t) => sh.fills.invalidate_table(&t.key_name),
+            Scope::All => sh.fills.invalidate_all(),
+        };
+    });
+    let mut total = 0u64;
+    for db in used_dbs() {
+        let cursor = Cursor(KeysCursor::new());
+        loop {
+            let mut more = false;
+            with_gil(|ctx| {
+                let (m, n) = flush_batch(ctx, db, &cursor, &scope, &key_prefix, source);
+                more = m;
+                total += n;
+            });
+            if !more {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    LISTENER_STATS
+        .entries_invalidated
+        .fetch_add(total, Ordering::Relaxed);
+    total
+}
+
+/// The part after the prefix of a cache key: `<table>:{...}` (All) or
+/// `{...}` (Table). Anything else is not ours and is left alone.
+fn entry_suffix<'a>(name: &'a [u8], key_prefix: &str, scope: &Scope) -> Option<&'a [u8]> {
+    let rest = name.strip_prefix(key_prefix.as_bytes())?;
+    if rest.last() != Some(&b'}') {
+        return None;
+    }
+    match scope {
+        Scope::Table(_) => (rest.first() == Some(&b'{')).then_some(rest),
+        Scope::All => rest.windows(2).any(|w| w == b":{").then_some(rest),
+    }
+}
+
+fn flush_batch(
+    ctx: &Context,
+    db: i32,
+    cursor: &Cursor,
+    scope: &Scope,
+    key_prefix: &str,
+    source: Source,
+) -> (bool, u64) {
+    cache::select_db(ctx, db);
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    let mut visited = 0usize;
+    let mut more = true;
+    while more && visited < SCAN_BATCH {
+        let collect = |_: &Context,
+                       name: &redis_module::RedisString,
+                       _: Option<&redis_module::key::RedisKey>| {
+            visited += 1;
+            if entry_suffix(name.as_slice(), key_prefix, scope).is_some() {
+                names.push(name.as_slice().to_vec());
+            }
+        };
+        more = cursor.0.scan(ctx, &collect);
+    }
+    if names.is_empty() {
+        return (more, 0);
+    }
+    let refs: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+    let dropped = cache::delete_many(ctx, &refs).unwrap_or(0);
+    let settings = SETTINGS.load();
+    if settings.events.invalidate {
+        for name in &names {
+            let Some(rest) = entry_suffix(name, key_prefix, scope) else {
+                continue;
+            };
+            let rest = String::from_utf8_lossy(rest);
+            match scope {
+                Scope::Table(t) => cache::publish(
+                    ctx,
+                    &settings,
+                    EventType::Invalidate,
+                    t,
+                    &rest,
+                    Some((source, None)),
+                ),
+                Scope::All => {
+                    if let Some(split) = rest.find(":{") {
+                        cache::publish_named(
+                            ctx,
+                            &settings,
+                            EventType::Invalidate,
+                            &rest[..split],
+                            &rest[split + 1..],
+                            Some((source, None)),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    (more, dropped)
+}
+
+/// Reads see no entry while a gap flush runs.
+pub fn entries_trusted() -> bool {
+    !GAP_FLUSH.load(Ordering::Relaxed)
+}
