@@ -48,9 +48,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: benchmarks are not written yet
-bench:
-	@echo "make bench: there are no benchmarks yet; they arrive with a later issue."
+## bench: invalidation latency and PING latency while a million entries are dropped
+bench: deps
+	$(CARGO) build --release
+	$(CARGO) bench --bench invalidation
 
 help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST)

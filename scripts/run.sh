@@ -413,10 +413,23 @@ if [[ $has_users == t ]]; then
         PGCACHE.INVALIDATE users '{"id":1}'
     step 'The entry is gone' EXISTS "$USER_KEY"
 fi
-# TODO(later issue: triggers): once sql/pgcache.sql exists, show automatic
-# invalidation here: load it, `SELECT pgcache_watch('users')`, READ users id 1
-# (cached), then `UPDATE users SET name = 'Alice B.' WHERE id = 1` through psql,
-# and show that the entry is gone and the next READ returns the new name.
+if [[ $has_users == t ]]; then
+    # Automatic invalidation: triggers from sql/pgcache.sql notify the module.
+    echo
+    say "Watch users in PostgreSQL: sql/pgcache.sql, then SELECT pgcache_watch('users')"
+    "$PSQL" -X -q -v ON_ERROR_STOP=1 -f "$ROOT/sql/pgcache.sql" "${PSQL_CONN[@]}" >/dev/null \
+        || die "loading sql/pgcache.sql failed"
+    "$PSQL" -X -q -v ON_ERROR_STOP=1 -c "SELECT pgcache_watch('users')" "${PSQL_CONN[@]}" >/dev/null \
+        || die "pgcache_watch failed"
+    step 'READ users id 2: cached' PGCACHE.READ users '{"id":2}'
+    echo
+    say "UPDATE users SET name = 'Bob B.' WHERE id = 2, in PostgreSQL"
+    "$PSQL" -X -q -v ON_ERROR_STOP=1 -c "UPDATE users SET name = 'Bob B.' WHERE id = 2" "${PSQL_CONN[@]}" >/dev/null \
+        || die "UPDATE failed"
+    sleep 0.3
+    step 'The trigger notified the module: the entry is gone' EXISTS 'pg_cache:users:{"id":2}'
+    step 'READ users id 2 again: a miss, with the new name' PGCACHE.READ users '{"id":2}'
+fi
 step 'STATS: the module counters' PGCACHE.STATS
 
 sleep 0.3

@@ -46,9 +46,13 @@ $$;
 
 CREATE OR REPLACE FUNCTION pgcache_unwatch(tbl regclass) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    name text;
 BEGIN
-    EXECUTE format('DROP TRIGGER IF EXISTS pgcache_row ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgcache_truncate ON %s', tbl);
+    FOR name IN SELECT tgname FROM pg_trigger
+                 WHERE tgrelid = tbl AND tgname IN ('pgcache_row', 'pgcache_truncate') LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', name, tbl);
+    END LOOP;
 END
 $$;
 
