@@ -4,7 +4,6 @@
 //! Starts its own PostgreSQL and Redis through the integration-test harness.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::*;
