@@ -504,7 +504,7 @@ fn invalidate_table_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
             state::runtime().spawn(async move {
                 let inner = state::runtime().spawn(crate::invalidation::flush(
                     crate::invalidation::Scope::Table(table),
-                    Source::Flush,
+                    (Source::Flush, None),
                 ));
                 match inner.await {
                     Ok(n) => replier.reply(Ok(RedisValue::Integer(n as i64))),

@@ -15,7 +15,7 @@ use pgcache_core::notify::{parse_payload, row_keys, Operation};
 use pgcache_core::{cache_key, TableSchema};
 use pgcache_pg::listener::{self, ListenerEvent};
 use redis_module::{Context, KeysCursor};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -59,21 +59,24 @@ fn used_dbs() -> Vec<i32> {
     dbs
 }
 
-fn databases() -> i32 {
-    let mut n = 16;
-    with_gil(|ctx| {
-        if let Ok(redis_module::RedisValue::Array(v)) =
-            ctx.call("CONFIG", &["GET", "databases"][..])
+/// `CONFIG GET databases`, read once at load (on the main thread).
+static DATABASES: AtomicI32 = AtomicI32::new(16);
+
+pub fn read_databases(ctx: &Context) {
+    if let Ok(redis_module::RedisValue::Array(v)) = ctx.call("CONFIG", &["GET", "databases"][..]) {
+        if let Some(
+            redis_module::RedisValue::SimpleString(s) | redis_module::RedisValue::BulkString(s),
+        ) = v.get(1)
         {
-            if let Some(
-                redis_module::RedisValue::SimpleString(s) | redis_module::RedisValue::BulkString(s),
-            ) = v.get(1)
-            {
-                n = s.parse().unwrap_or(16);
+            if let Ok(n) = s.parse() {
+                DATABASES.store(n, Ordering::Relaxed);
             }
         }
-    });
-    n
+    }
+}
+
+fn databases() -> i32 {
+    DATABASES.load(Ordering::Relaxed)
 }
 
 #[derive(Default)]
@@ -155,7 +158,9 @@ async fn handle_events(mut rx: mpsc::UnboundedReceiver<ListenerEvent>) {
             }
             ListenerEvent::Disconnected(reason) => {
                 let was = LISTENER_STATE.swap(LISTENER_DISCONNECTED, Ordering::Relaxed);
-                LISTENER_STATS.reconnects.fetch_add(1, Ordering::Relaxed);
+                if was == LISTENER_CONNECTED {
+                    LISTENER_STATS.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
                 if was != LISTENER_DISCONNECTED {
                     with_gil(|ctx| {
                         ctx.log_warning(&format!(
@@ -201,7 +206,7 @@ async fn handle_notification(payload: String) {
         Err(e) => return ignored(format!("table {}: {e}", parsed.table)),
     };
     if parsed.operation == Operation::Truncate {
-        flush(Scope::Table(table), Source::Notify).await;
+        flush(Scope::Table(table), (Source::Notify, Some("TRUNCATE"))).await;
         return;
     }
     let keys = match row_keys(&table, &parsed) {
@@ -252,11 +257,35 @@ pub async fn lookup_table(spelling: &str) -> Result<Arc<TableSchema>, pgcache_pg
     Ok(t)
 }
 
+/// Set while Redis loads an RDB/AOF file or a full sync: what it loads was
+/// cached before a gap.
+static LOADING: AtomicBool = AtomicBool::new(false);
+
+/// Loading started: nothing loaded is trusted. Loading ended: flush it (once
+/// the listener is connected; its connect flushes otherwise).
+pub fn loading(started: bool) {
+    if started {
+        LOADING.store(true, Ordering::Relaxed);
+        if LISTENER_STATE.load(Ordering::Relaxed) != LISTENER_OFF {
+            GAP_FLUSH.store(true, Ordering::Relaxed);
+        }
+    } else {
+        LOADING.store(false, Ordering::Relaxed);
+        if LISTENER_STATE.load(Ordering::Relaxed) == LISTENER_CONNECTED {
+            begin_gap_flush();
+        }
+    }
+}
+
 fn begin_gap_flush() {
     GAP_FLUSH.store(true, Ordering::Relaxed);
     let generation = GAP_GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     state::runtime().spawn(async move {
-        let dropped = flush(Scope::All, Source::Flush).await;
+        // Entries still being loaded from an RDB/AOF file must be flushed too.
+        while LOADING.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let dropped = flush(Scope::All, (Source::Flush, None)).await;
         // A newer gap restarted the flush: that one clears the flag.
         if GAP_GENERATION.load(Ordering::Relaxed) == generation {
             GAP_FLUSH.store(false, Ordering::Relaxed);
@@ -284,7 +313,7 @@ unsafe impl Send for Cursor {}
 
 /// Drops every entry in scope, a batch at a time, letting Redis serve other
 /// clients between batches. Fills in flight for the scope are not cached.
-pub async fn flush(scope: Scope, source: Source) -> u64 {
+pub async fn flush(scope: Scope, source: (Source, Option<&'static str>)) -> u64 {
     LISTENER_STATS.flushes.fetch_add(1, Ordering::Relaxed);
     let prefix = SETTINGS.load().cache_prefix.clone();
     let key_prefix = match &scope {
@@ -339,7 +368,7 @@ fn flush_batch(
     cursor: &Cursor,
     scope: &Scope,
     key_prefix: &str,
-    source: Source,
+    source: (Source, Option<&'static str>),
 ) -> (bool, u64) {
     cache::select_db(ctx, db);
     let mut names: Vec<Vec<u8>> = Vec::new();
@@ -375,7 +404,7 @@ fn flush_batch(
                     EventType::Invalidate,
                     t,
                     &rest,
-                    Some((source, None)),
+                    Some(source),
                 ),
                 Scope::All => {
                     if let Some(split) = rest.find(":{") {
@@ -385,7 +414,7 @@ fn flush_batch(
                             EventType::Invalidate,
                             &rest[..split],
                             &rest[split + 1..],
-                            Some((source, None)),
+                            Some(source),
                         );
                     }
                 }

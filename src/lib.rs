@@ -36,6 +36,23 @@ fn role_changed(_ctx: &Context, role: redis_module::server_events::ServerRole) {
     invalidation::start_listener();
 }
 
+#[redis_module_macros::loading_event_handler]
+fn loading_changed(_ctx: &Context, event: redis_module::server_events::LoadingSubevent) {
+    use redis_module::server_events::LoadingSubevent as L;
+    invalidation::loading(matches!(
+        event,
+        L::RdbStarted | L::AofStarted | L::ReplStarted
+    ));
+}
+
+/// FLUSHALL / FLUSHDB: fills in flight must not bring rows back.
+#[redis_module_macros::flush_event_handler]
+fn flushed(_ctx: &Context, event: redis_module::server_events::FlushSubevent) {
+    if event == redis_module::server_events::FlushSubevent::Started {
+        state::shared().fills.invalidate_all();
+    }
+}
+
 fn deinit(ctx: &Context) -> Status {
     // The background runtime's threads run this library's code: unmapping it
     // under them would crash Redis, so unloading is refused.

@@ -123,6 +123,7 @@ pub fn init(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
         crate::cache::is_replica(ctx),
         std::sync::atomic::Ordering::Relaxed,
     );
+    crate::invalidation::read_databases(ctx);
     crate::invalidation::start_listener();
     let s = SETTINGS.load();
     ctx.log_notice(&format!(
