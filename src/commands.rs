@@ -464,22 +464,17 @@ fn invalidate_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
                 let settings = SETTINGS.load();
                 check_allowed(&settings, &table)?;
                 let pk = canonical_pk(&table, &pk).map_err(err)?;
-                let key = cache_key(&settings.cache_prefix, &table, &pk);
                 // A fill in flight must not bring the old row back.
-                shared()
-                    .fills
-                    .invalidate(&(cache::selected_db(ctx), key.clone()));
-                cache::delete(ctx, &key).map_err(err)?;
-                crate::invalidation::mark_db_used(cache::selected_db(ctx));
-                STATS.invalidations.fetch_add(1, Ordering::Relaxed);
-                cache::publish(
+                let db = cache::selected_db(ctx);
+                crate::invalidation::drop_entry(
                     ctx,
                     &settings,
-                    EventType::Invalidate,
                     &table,
-                    &pk.json,
-                    Some((Source::Command, None)),
+                    &pk,
+                    &[db],
+                    (Source::Command, None),
                 );
+                STATS.invalidations.fetch_add(1, Ordering::Relaxed);
                 Ok(RedisValue::SimpleStringStatic("OK"))
             })();
             responder.answer(result)

@@ -12,7 +12,7 @@ use crate::fill::with_gil;
 use crate::state::{self, shared, SETTINGS};
 use pgcache_core::event::{EventType, Source};
 use pgcache_core::notify::{parse_payload, row_keys, Operation};
-use pgcache_core::{cache_key, TableSchema};
+use pgcache_core::{cache_key, CanonicalPk, Settings, TableSchema};
 use pgcache_pg::listener::{self, ListenerEvent};
 use redis_module::{Context, KeysCursor};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
@@ -218,32 +218,48 @@ async fn handle_notification(payload: String) {
         let settings = SETTINGS.load();
         let dbs = used_dbs();
         for pk in &keys {
-            let key = cache_key(&settings.cache_prefix, &table, pk);
-            let mut dropped = false;
-            for &db in &dbs {
-                cache::select_db(ctx, db);
-                shared().fills.invalidate(&(db, key.clone()));
-                dropped |= cache::delete(ctx, &key).unwrap_or(0) > 0;
-            }
-            ctx.log_debug(&format!(
-                "pgcache: {op} on {} invalidates {key}",
-                table.key_name
-            ));
-            if dropped {
+            if drop_entry(ctx, &settings, &table, pk, &dbs, (Source::Notify, Some(op))) {
                 LISTENER_STATS
                     .entries_invalidated
                     .fetch_add(1, Ordering::Relaxed);
-                cache::publish(
-                    ctx,
-                    &settings,
-                    EventType::Invalidate,
-                    &table,
-                    &pk.json,
-                    Some((Source::Notify, Some(op))),
-                );
             }
         }
     });
+}
+
+/// Drops one entry in `dbs` (fills in flight for it are not cached) and
+/// publishes its `cache_invalidate` event; a notification publishes only for
+/// an entry it actually dropped. Returns whether an entry was dropped.
+pub fn drop_entry(
+    ctx: &Context,
+    settings: &Settings,
+    table: &TableSchema,
+    pk: &CanonicalPk,
+    dbs: &[i32],
+    source: (Source, Option<&str>),
+) -> bool {
+    let key = cache_key(&settings.cache_prefix, table, pk);
+    let mut dropped = false;
+    for &db in dbs {
+        cache::select_db(ctx, db);
+        shared().fills.invalidate(&(db, key.clone()));
+        dropped |= cache::delete(ctx, &key).unwrap_or(0) > 0;
+    }
+    ctx.log_debug(&format!(
+        "pgcache: invalidated {key} ({})",
+        source.1.unwrap_or("INVALIDATE")
+    ));
+    if dropped || source.0 == Source::Command {
+        cache::publish(
+            ctx,
+            settings,
+            EventType::Invalidate,
+            table,
+            &pk.json,
+            Some(source),
+        );
+    }
+    dropped
 }
 
 /// A table named by a payload or a command, from the catalog cache or
