@@ -49,7 +49,11 @@ pub enum Lookup<'a> {
 
 /// Opens `key` for reading and hands its value to `f` without copying it.
 pub fn with_entry<R>(ctx: &Context, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
-    if !crate::invalidation::entries_trusted() {
+    if !crate::invalidation::entries_trusted()
+        && !crate::state::shared()
+            .fresh
+            .contains(&(selected_db(ctx), key.to_owned()))
+    {
         return f(Lookup::Missing);
     }
     let name = ctx.create_string(key);
@@ -99,6 +103,11 @@ pub fn is_replica(ctx: &Context) -> bool {
 
 /// Stores an entry (TTL 0: no expiry), replicated to replicas and the AOF.
 pub fn store(ctx: &Context, key: &str, value: &str, ttl: u64) -> Result<(), String> {
+    if !crate::invalidation::entries_trusted() {
+        crate::state::shared()
+            .fresh
+            .insert((selected_db(ctx), key.to_owned()));
+    }
     let opts = CallOptionsBuilder::new().replicate().build();
     let ttl_text = ttl.to_string();
     let with_ttl = [key, value, "EX", ttl_text.as_str()];

@@ -148,6 +148,8 @@ async fn handle_events(mut rx: mpsc::UnboundedReceiver<ListenerEvent>) {
     while let Some(event) = rx.recv().await {
         match event {
             ListenerEvent::Connected => {
+                // Stop serving what was cached before the gap first, then say so.
+                GAP_FLUSH.store(true, Ordering::Relaxed);
                 LISTENER_STATE.store(LISTENER_CONNECTED, Ordering::Relaxed);
                 with_gil(|ctx| {
                     ctx.log_notice(
@@ -303,9 +305,12 @@ fn begin_gap_flush() {
         }
         let dropped = flush(Scope::All, (Source::Flush, None)).await;
         // A newer gap restarted the flush: that one clears the flag.
-        if GAP_GENERATION.load(Ordering::Relaxed) == generation {
-            GAP_FLUSH.store(false, Ordering::Relaxed);
-        }
+        with_gil(|_| {
+            if GAP_GENERATION.load(Ordering::Relaxed) == generation {
+                GAP_FLUSH.store(false, Ordering::Relaxed);
+                shared().fresh.clear();
+            }
+        });
         with_gil(|ctx| {
             ctx.log_notice(&format!(
                 "pgcache: gap flush done, {dropped} entries dropped"
@@ -339,12 +344,24 @@ pub async fn flush(scope: Scope, source: (Source, Option<&'static str>)) -> u64 
     with_gil(|_| {
         let mut sh = shared();
         match &scope {
-            Scope::Table(t) => sh.fills.invalidate_table(&t.key_name),
-            Scope::All => sh.fills.invalidate_all(),
-        };
+            Scope::Table(t) => {
+                sh.fills.invalidate_table(&t.key_name);
+            }
+            Scope::All => {
+                // From here on, what is stored is fresh and kept.
+                sh.fills.invalidate_all();
+                sh.fresh.clear();
+            }
+        }
     });
     let mut total = 0u64;
-    for db in used_dbs() {
+    // A gap flush visits every database: what was loaded from a file is not
+    // in `used_dbs`.
+    let dbs = match scope {
+        Scope::Table(_) => used_dbs(),
+        Scope::All => (0..databases()).collect(),
+    };
+    for db in dbs {
         let cursor = Cursor(KeysCursor::new());
         loop {
             let mut more = false;
@@ -400,6 +417,12 @@ fn flush_batch(
             }
         };
         more = cursor.0.scan(ctx, &collect);
+    }
+    if matches!(scope, Scope::All) {
+        let sh = shared();
+        names.retain(|n| {
+            std::str::from_utf8(n).map_or(true, |k| !sh.fresh.contains(&(db, k.to_owned())))
+        });
     }
     if names.is_empty() {
         return (more, 0);

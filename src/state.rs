@@ -7,7 +7,7 @@ use arc_swap::ArcSwap;
 use pgcache_core::{FillRegistry, Settings, TableSchema};
 use pgcache_pg::Pg;
 use redis_module::{Context, RedisString};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
@@ -32,6 +32,9 @@ pub struct Shared {
     /// Table argument as the client spelled it → its schema.
     catalog: HashMap<Vec<u8>, Arc<TableSchema>>,
     pub fills: FillRegistry<FillKey, Waiter>,
+    /// Entries stored since the running gap flush began: they are fresh, so
+    /// the flush keeps them and reads may serve them.
+    pub fresh: HashSet<FillKey>,
 }
 
 impl Shared {
@@ -60,6 +63,7 @@ static SHARED: LazyLock<Mutex<Shared>> = LazyLock::new(|| {
     Mutex::new(Shared {
         catalog: HashMap::new(),
         fills: FillRegistry::new(),
+        fresh: HashSet::new(),
     })
 });
 

@@ -674,11 +674,37 @@ impl RedisServer {
         }
     }
 
-    /// Start pointed at `pg`, plus `extra` module arguments.
+    /// Start pointed at `pg`, plus `extra` module arguments. Returns once
+    /// the module is ready: its invalidation listener connected and the
+    /// flush that follows every (re)connect done (until then it caches
+    /// nothing for long: entries filled before the listener connected are
+    /// dropped by that flush).
     pub fn with_pg(pg: &PgServer, extra: &[&str]) -> RedisServer {
         let mut args = pg.module_args();
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start(&args)
+        let r = Self::start(&args);
+        r.wait_until_ready();
+        r
+    }
+
+    /// Waits until the listener is connected and no gap flush runs (at once
+    /// when the listener is off or PostgreSQL is unreachable).
+    pub fn wait_until_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.stats();
+            let listener = s["listener"].as_str().unwrap_or("").to_owned();
+            if listener == "off"
+                || (listener == "connected" && stat_of(&s, "gap_flush_running") == 0)
+            {
+                return;
+            }
+            if listener == "disconnected" || Instant::now() > deadline {
+                // PostgreSQL unreachable (a test's choice): nothing to wait for.
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Start, expecting the module load to be refused; returns the log.
@@ -694,18 +720,41 @@ impl RedisServer {
     }
 
     pub fn try_start<S: AsRef<str>>(module_args: &[S]) -> Start {
-        Self::launch(Some(&module_path()), module_args)
+        Self::launch(Some(&module_path()), module_args, &[])
+    }
+
+    /// Start with the module and these module arguments, plus redis-server
+    /// options (`["--replicaof", "127.0.0.1 6379"]`, `["--dir", "/x"]`...),
+    /// given before `--loadmodule` (so a later `--dir` overrides the
+    /// harness's own; the log stays in the harness's directory).
+    pub fn start_with_server_args<S: AsRef<str>>(
+        module_args: &[S],
+        server_args: &[&str],
+    ) -> RedisServer {
+        match Self::launch(Some(&module_path()), module_args, server_args) {
+            Start::Up(r) => r,
+            Start::Refused(log) => {
+                panic!(
+                    "redis-server with pgcache did not start; log:\n{}",
+                    tail(&log, 40)
+                )
+            }
+        }
     }
 
     /// A plain redis-server without the module (to check the harness).
     pub fn start_plain() -> RedisServer {
-        match Self::launch::<&str>(None, &[]) {
+        match Self::launch::<&str>(None, &[], &[]) {
             Start::Up(r) => r,
             Start::Refused(log) => panic!("plain redis-server did not start:\n{log}"),
         }
     }
 
-    fn launch<S: AsRef<str>>(module: Option<&Path>, module_args: &[S]) -> Start {
+    fn launch<S: AsRef<str>>(
+        module: Option<&Path>,
+        module_args: &[S],
+        server_args: &[&str],
+    ) -> Start {
         let mut last = String::new();
         for _ in 0..5 {
             let dir = tempfile::Builder::new()
@@ -721,7 +770,8 @@ impl RedisServer {
                 .arg("--dir")
                 .arg(dir.path())
                 .arg("--logfile")
-                .arg(&log);
+                .arg(&log)
+                .args(server_args);
             if let Some(module) = module {
                 cmd.arg("--loadmodule").arg(module);
                 for a in module_args {
@@ -791,8 +841,10 @@ impl RedisServer {
             .client()
             .get_connection_with_timeout(Duration::from_secs(10))
             .expect("connect to redis");
-        c.set_read_timeout(Some(HANG)).unwrap();
-        c.set_write_timeout(Some(HANG)).unwrap();
+        // No socket timeouts: with SO_RCVTIMEO set, Linux does not restart a
+        // receive interrupted by a stop/continue of the process, and the
+        // client reports EINTR as an I/O error. Tests bound their waits
+        // with deadlines instead.
         c
     }
 
@@ -1190,4 +1242,65 @@ pub async fn aread(
         Ok(r) => r,
         Err(_) => panic!("PGCACHE.READ {table} {pk}: no reply within {HANG:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------
+// waiting for conditions, the listener
+
+/// Poll `cond` until it holds; panics with `what` (and the last value it
+/// saw) after `HANG`. A hang detector, not a timing assertion.
+#[track_caller]
+pub fn wait_until<F: FnMut() -> Result<(), String>>(what: &str, mut cond: F) {
+    let deadline = Instant::now() + HANG;
+    loop {
+        match cond() {
+            Ok(()) => return,
+            Err(last) => {
+                if Instant::now() > deadline {
+                    panic!("{what}: never happened within {HANG:?}; last seen: {last}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A string field of `PGCACHE.STATS` (`listener`).
+#[track_caller]
+pub fn stat_str(stats: &Value, name: &str) -> String {
+    stats
+        .get(name)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("PGCACHE.STATS has no string field {name:?}: {stats}"))
+        .to_string()
+}
+
+/// pids of the backends whose last statement was a LISTEN: the listener
+/// connections of the modules talking to `pg`.
+pub fn listen_session_pids(pg: &PgServer) -> Vec<String> {
+    pg.query_texts(
+        "SELECT pid::text FROM pg_stat_activity \
+         WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid() ORDER BY pid",
+    )
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Wait until STATS says the listener is connected and no gap flush runs:
+/// from then on, every committed change is either notified or flushed.
+#[track_caller]
+pub fn wait_listener_ready(r: &RedisServer) -> Value {
+    let mut c = r.con();
+    let mut out = Value::Null;
+    wait_until("listener connected and gap flush over", || {
+        let s = stats(&mut c);
+        if stat_str(&s, "listener") == "connected" && stat_of(&s, "gap_flush_running") == 0 {
+            out = s;
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    out
 }
