@@ -4,8 +4,8 @@
 use pgcache_core::event::{event_json, EventType, Source};
 use pgcache_core::{Settings, TableSchema};
 use redis_module::{
-    raw, CallOptionsBuilder, CallResult, Context, ContextFlags, KeyType, RedisError, RedisResult,
-    RedisString,
+    raw, AclPermissions, CallOptionsBuilder, CallResult, Context, ContextFlags, KeyType,
+    RedisError, RedisResult, RedisString,
 };
 use std::os::raw::c_char;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,6 +38,36 @@ pub fn reply(ctx: &Context, result: RedisResult) -> raw::Status {
     }
 }
 
+/// Redis ACLs bind the keys the module derives: the client's user must be
+/// allowed `permissions` on `key`, as if it had named the key itself.
+pub fn check_acl(
+    ctx: &Context,
+    user: Option<&[u8]>,
+    key: &str,
+    permissions: AclPermissions,
+) -> Result<(), RedisError> {
+    check_acl_named(ctx, user, &ctx.create_string(key), key, permissions)
+}
+
+pub fn check_acl_named(
+    ctx: &Context,
+    user: Option<&[u8]>,
+    name: &RedisString,
+    key: &str,
+    permissions: AclPermissions,
+) -> Result<(), RedisError> {
+    let user = match user {
+        Some(user) => ctx.create_string(user),
+        None => ctx.get_current_user(),
+    };
+    ctx.acl_check_key_permission(&user, name, &permissions)
+        .map_err(|_| {
+            RedisError::String(format!(
+                "NOPERM this user has no permissions to access the '{key}' key derived by pgcache"
+            ))
+        })
+}
+
 /// What a cache key holds.
 pub enum Lookup<'a> {
     Missing,
@@ -49,6 +79,10 @@ pub enum Lookup<'a> {
 
 /// Opens `key` for reading and hands its value to `f` without copying it.
 pub fn with_entry<R>(ctx: &Context, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
+    lookup(ctx, &ctx.create_string(key), key, f)
+}
+
+pub fn lookup<R>(ctx: &Context, name: &RedisString, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
     if !crate::invalidation::entries_trusted()
         && !crate::state::shared()
             .fresh
@@ -56,8 +90,7 @@ pub fn with_entry<R>(ctx: &Context, key: &str, f: impl FnOnce(Lookup) -> R) -> R
     {
         return f(Lookup::Missing);
     }
-    let name = ctx.create_string(key);
-    let entry = ctx.open_key(&name);
+    let entry = ctx.open_key(name);
     match entry.key_type() {
         KeyType::Empty => f(Lookup::Missing),
         KeyType::String => match entry.read() {

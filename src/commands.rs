@@ -16,7 +16,7 @@ use pgcache_core::{
     cache_key, canonical_pk, parse_ttl, push_canonical_pk, CanonicalPk, FillId, Join, Settings,
     TableSchema, NEGATIVE_MARKER,
 };
-use redis_module::{raw, Context, RedisError, RedisResult, RedisValue};
+use redis_module::{raw, AclPermissions, Context, RedisError, RedisResult, RedisValue};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::raw::c_int;
@@ -139,6 +139,7 @@ fn with_table(ctx: &Context, raw: &[u8], then: Continuation) -> RedisResult {
     let name = check_table_arg(raw).map_err(err)?.to_owned();
     let arg = raw.to_vec();
     let db = cache::selected_db(ctx);
+    let user = ctx.get_current_user().as_slice().to_vec();
     let replier = Replier::block(ctx);
     fill::spawn_guarded(
         async move { state::pg().resolve_table(&name).await },
@@ -148,7 +149,7 @@ fn with_table(ctx: &Context, raw: &[u8], then: Continuation) -> RedisResult {
                     let schema = Arc::new(schema);
                     shared().remember_table(&arg, schema.clone());
                     cache::select_db(ctx, db);
-                    let _ = then(ctx, schema, Responder::Blocked(replier));
+                    let _ = then(ctx, schema, Responder::Blocked(replier, user));
                 }
                 Err(e) => replier.reply(Err(err(e))),
             });
@@ -220,7 +221,14 @@ fn read_row(
         return responder.answer(Err(e));
     }
     let pk_json = &key[pk_at..];
-    let responder = match with_entry(ctx, &key, |entry| match entry {
+    // One key handle for the ACL check and the lookup.
+    let name = ctx.create_string(key.as_str());
+    if let Err(e) =
+        cache::check_acl_named(ctx, responder.user(), &name, &key, AclPermissions::ACCESS)
+    {
+        return responder.answer(Err(e));
+    }
+    let responder = match cache::lookup(ctx, &name, &key, |entry| match entry {
         Lookup::Hit(bytes) => {
             STATS.hits.fetch_add(1, Ordering::Relaxed);
             cache::publish(ctx, &settings, EventType::Hit, table, pk_json, None);
@@ -301,6 +309,12 @@ fn read_rows(
         .iter()
         .map(|pk| cache_key(&settings.cache_prefix, table, pk))
         .collect();
+    if let Some(e) = keys
+        .iter()
+        .find_map(|k| cache::check_acl(ctx, responder.user(), k, AclPermissions::ACCESS).err())
+    {
+        return responder.answer(Err(e));
+    }
     let mut slots: Vec<Option<String>> = vec![None; keys.len()];
     // Distinct missing keys: the first input position of each, and every
     // position it answers.
@@ -430,11 +444,18 @@ fn write_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
         ctx,
         args[1],
         Box::new(move |ctx, table, responder| {
+            let user = responder.user();
             let result = (|| {
                 let settings = SETTINGS.load();
                 check_allowed(&settings, &table)?;
                 let pk = canonical_pk(&table, &pk).map_err(err)?;
                 let key = cache_key(&settings.cache_prefix, &table, &pk);
+                cache::check_acl(
+                    ctx,
+                    user,
+                    &key,
+                    AclPermissions::INSERT | AclPermissions::UPDATE,
+                )?;
                 // A fill in flight must not overwrite what was written.
                 shared()
                     .fills
@@ -460,10 +481,17 @@ fn invalidate_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
         ctx,
         args[1],
         Box::new(move |ctx, table, responder| {
+            let user = responder.user();
             let result = (|| {
                 let settings = SETTINGS.load();
                 check_allowed(&settings, &table)?;
                 let pk = canonical_pk(&table, &pk).map_err(err)?;
+                cache::check_acl(
+                    ctx,
+                    user,
+                    &cache_key(&settings.cache_prefix, &table, &pk),
+                    AclPermissions::DELETE,
+                )?;
                 // A fill in flight must not bring the old row back.
                 let db = cache::selected_db(ctx);
                 crate::invalidation::drop_entry(
@@ -492,7 +520,14 @@ fn invalidate_table_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
         ctx,
         args[1],
         Box::new(move |ctx, table, responder| {
-            if let Err(e) = check_allowed(&SETTINGS.load(), &table) {
+            let settings = SETTINGS.load();
+            // The user must be allowed to delete every key of the table:
+            // checked against the pattern itself, `<prefix><table>:*`.
+            let pattern = format!("{}{}:*", settings.cache_prefix, table.key_name);
+            let allowed = check_allowed(&settings, &table).and_then(|_| {
+                cache::check_acl(ctx, responder.user(), &pattern, AclPermissions::DELETE)
+            });
+            if let Err(e) = allowed {
                 return responder.answer(Err(e));
             }
             let replier = responder.into_replier(ctx);

@@ -13,6 +13,7 @@ use redis_module::{raw, Context, RedisResult, RedisValue, ThreadSafeContext};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// A blocked client and the means to answer it, through the raw module API
 /// (the crate's error replies mangle non-ASCII text).
@@ -70,7 +71,9 @@ impl Drop for Replier {
 /// How a client's command answers: now, or through its blocked client.
 pub enum Responder {
     Direct,
-    Blocked(Replier),
+    /// Answered later; the user name is the client's, taken in the command
+    /// handler (a background task's context is always user `default`).
+    Blocked(Replier, Vec<u8>),
 }
 
 impl Responder {
@@ -78,7 +81,7 @@ impl Responder {
     pub fn answer(self, result: RedisResult) -> RedisResult {
         match self {
             Responder::Direct => result,
-            Responder::Blocked(r) => {
+            Responder::Blocked(r, _) => {
                 r.reply(result);
                 Ok(RedisValue::NoReply)
             }
@@ -92,10 +95,18 @@ impl Responder {
                 cache::reply_bytes(ctx, bytes);
                 Ok(RedisValue::NoReply)
             }
-            Responder::Blocked(r) => {
+            Responder::Blocked(r, _) => {
                 r.reply(Ok(RedisValue::StringBuffer(bytes.to_vec())));
                 Ok(RedisValue::NoReply)
             }
+        }
+    }
+
+    /// The ACL user the command runs as: `None` means the context's own.
+    pub fn user(&self) -> Option<&[u8]> {
+        match self {
+            Responder::Direct => None,
+            Responder::Blocked(_, user) => Some(user),
         }
     }
 
@@ -103,7 +114,7 @@ impl Responder {
     pub fn into_replier(self, ctx: &Context) -> Replier {
         match self {
             Responder::Direct => Replier::block(ctx),
-            Responder::Blocked(r) => r,
+            Responder::Blocked(r, _) => r,
         }
     }
 }
@@ -234,7 +245,9 @@ pub fn start_one(plan: FillPlan, key: String, id: FillId, params: Vec<String>) {
     let work = {
         let table = table.clone();
         async move {
+            let started = Instant::now();
             let r = pg.fetch_one(&table, &params).await;
+            record_latency(started);
             forget_if_changed(&table, &r);
             r
         }
@@ -250,7 +263,9 @@ pub fn start_many(plan: FillPlan, keys: Vec<(String, FillId)>, pks_json: String)
     let pg = state::pg();
     let n = keys.len();
     let work = async move {
+        let started = Instant::now();
         let r = pg.fetch_many(&table, &pks_json, n).await;
+        record_latency(started);
         forget_if_changed(&table, &r);
         r
     };
@@ -265,6 +280,12 @@ pub fn start_many(plan: FillPlan, keys: Vec<(String, FillId)>, pks_json: String)
             }
         });
     });
+}
+
+fn record_latency(started: Instant) {
+    STATS
+        .fill_latency
+        .record(started.elapsed().as_micros().min(u64::MAX as u128) as u64);
 }
 
 /// A table whose definition changed is looked up again on next use.

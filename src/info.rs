@@ -23,6 +23,15 @@ fn figures() -> Vec<(&'static str, i64)> {
         ("writes", load(&STATS.writes)),
         ("invalidations", load(&STATS.invalidations)),
         ("catalog_tables", catalog_tables),
+        (
+            "fill_latency_p50_us",
+            STATS.fill_latency.quantile(0.5) as i64,
+        ),
+        (
+            "fill_latency_p99_us",
+            STATS.fill_latency.quantile(0.99) as i64,
+        ),
+        ("fill_latency_max_us", STATS.fill_latency.max() as i64),
     ];
     let l = &*crate::invalidation::LISTENER_STATS;
     out.extend([
@@ -39,7 +48,6 @@ fn figures() -> Vec<(&'static str, i64)> {
     if let Some(pg) = state::pg_if_ready() {
         let s = &pg.stats;
         let queries = load(&s.queries);
-        let total_us = load(&s.fill_micros_total);
         let (max_size, open, in_use) = pg.pool_status();
         out.extend([
             ("pg_queries", queries),
@@ -48,11 +56,6 @@ fn figures() -> Vec<(&'static str, i64)> {
             ("pool_size", max_size as i64),
             ("pool_connections", open as i64),
             ("pool_in_use", in_use as i64),
-            (
-                "fill_latency_avg_us",
-                if queries > 0 { total_us / queries } else { 0 },
-            ),
-            ("fill_latency_max_us", load(&s.fill_micros_max)),
         ]);
     }
     out

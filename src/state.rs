@@ -95,6 +95,8 @@ pub struct Stats {
     pub writes: AtomicU64,
     pub invalidations: AtomicU64,
     pub fill_errors: AtomicU64,
+    /// Fill latency in microseconds, query start to answer.
+    pub fill_latency: pgcache_core::latency::Histogram,
 }
 
 pub static STATS: LazyLock<Stats> = LazyLock::new(Stats::default);

@@ -10,6 +10,7 @@ pub mod event;
 pub mod fastkey;
 pub mod fills;
 pub mod key;
+pub mod latency;
 pub mod notify;
 pub mod schema;
 pub mod settings;

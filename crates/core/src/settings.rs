@@ -360,39 +360,88 @@ impl Settings {
     }
 }
 
-/// Hides the password part of a `postgresql://user:password@host/db` URL.
+/// Hides the password part of a `postgresql://user:password@host/db` URL,
+/// and `password=` query parameters, as tokio-postgres (which reads
+/// `pg_url`) finds them: its credentials end at the first `@`, even past a
+/// `/` or `?` in an unencoded password, RFC 3986's at the last `@` before
+/// the path (the later of the two is hidden), and it percent-decodes
+/// parameter names. Idempotent, so what `CONFIG GET` shows can be set again.
 pub fn redact_url(url: &str) -> String {
+    let mut shown = redact_url_once(url);
+    // Hiding a span can join what remains into a longer one (an unencoded
+    // `/`, `?` or `&` inside it); a few passes reach the fixed point.
+    for _ in 0..8 {
+        let again = redact_url_once(&shown);
+        if again == shown {
+            break;
+        }
+        shown = again;
+    }
+    shown
+}
+
+fn redact_url_once(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
-    let url = &redact_query_password(url);
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}{}:{}{}",
-            &url[..scheme_end + 3],
-            &authority[..colon],
-            REDACTED,
-            &url[scheme_end + 3 + at..]
-        ),
-        _ => url.to_owned(),
+    let start = scheme_end + 3;
+    let rest = &url[start..];
+    // Byte ranges of `url` to hide.
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    if let Some(first_at) = rest.find('@') {
+        let host_end = rest[first_at..]
+            .find(['/', '?'])
+            .map_or(rest.len(), |e| first_at + e);
+        let at = rest[..host_end].rfind('@').unwrap_or(first_at);
+        if let Some(colon) = rest[..at].find(':') {
+            spans.push((start + colon + 1, start + at));
+        }
     }
+    // Every `?` or `&` may start a parameter, whichever `?` starts the query.
+    for (i, _) in rest.match_indices(['?', '&']) {
+        let p = i + 1;
+        let end = rest[p..].find('&').map_or(rest.len(), |e| p + e);
+        if let Some((name, _)) = rest[p..end].split_once('=') {
+            if percent_decoded(name) == b"password" {
+                spans.push((start + p + name.len() + 1, start + end));
+            }
+        }
+    }
+    spans.sort_unstable();
+    let mut out = String::with_capacity(url.len() + REDACTED.len());
+    let mut done = 0;
+    for (s, e) in spans {
+        if s >= done {
+            out.push_str(&url[done..s]);
+            out.push_str(REDACTED);
+        }
+        done = done.max(e);
+    }
+    out.push_str(&url[done..]);
+    out
 }
 
-fn redact_query_password(url: &str) -> String {
-    let Some(q) = url.find('?') else {
-        return url.to_owned();
-    };
-    let params: Vec<String> = url[q + 1..]
-        .split('&')
-        .map(|p| match p.split_once('=') {
-            Some((k, _)) if k == "password" => format!("{k}={REDACTED}"),
-            _ => p.to_owned(),
-        })
-        .collect();
-    format!("{}?{}", &url[..q], params.join("&"))
+/// `%XX` decoded; a `%` not followed by two hex digits stays as it is.
+fn percent_decoded(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match hex.filter(|h| b[i] == b'%' && h.bytes().all(|c| c.is_ascii_hexdigit())) {
+            Some(h) => {
+                out.push(u8::from_str_radix(h, 16).unwrap_or(0));
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -488,5 +537,42 @@ mod tests {
             redact_url("postgresql://h/db?sslmode=disable&password=x"),
             "postgresql://h/db?sslmode=disable&password=(redacted)"
         );
+    }
+
+    /// Found by fuzz/fuzz_targets/module_args.rs.
+    #[test]
+    fn url_redaction_follows_tokio_postgres() {
+        // A `?` before the `://` made the old code slice past the end.
+        let odd = "h?password=xxxxxxxxxxxxxxxx://u";
+        assert_eq!(redact_url(odd), odd);
+        // tokio-postgres ends the credentials at the first `@`, so these
+        // unencoded passwords are "p/w" and "p?w".
+        assert_eq!(
+            redact_url("postgresql://u:p/w@h/db"),
+            "postgresql://u:(redacted)@h/db"
+        );
+        assert_eq!(
+            redact_url("postgresql://u:p?w@h/db?password=secret"),
+            "postgresql://u:(redacted)@h/db?password=(redacted)"
+        );
+        // It percent-decodes parameter names.
+        assert_eq!(
+            redact_url("postgres://h/db?pass%77ord=secret&x=1"),
+            "postgres://h/db?pass%77ord=(redacted)&x=1"
+        );
+        // An unencoded `@` in a password: RFC 3986's reading is hidden too.
+        assert_eq!(
+            redact_url("postgresql://u:p@ss@h/db"),
+            "postgresql://u:(redacted)@h/db"
+        );
+        // What CONFIG GET shows is already redacted: showing it again
+        // changes nothing (the round trip through CONFIG SET).
+        for url in [
+            "postgres://x;s://u@[::1tp(@[::1]m:5432!?",
+            "postgresql://h?password=a:b&c@d&e",
+        ] {
+            let shown = redact_url(url);
+            assert_eq!(redact_url(&shown), shown, "{url}");
+        }
     }
 }
