@@ -37,6 +37,10 @@ impl ConfigurationValue<RedisString> for Param {
         if next == **current {
             return Ok(());
         }
+        // Connection settings must make a valid connection before they count.
+        if affects_connection(self.0) {
+            pgcache_pg::connect_config(&next).map_err(|e| RedisError::String(e.to_string()))?;
+        }
         SETTINGS.store(Arc::new(next));
         if affects_connection(self.0) {
             if let Some(pg) = state::pg_if_ready() {

@@ -109,7 +109,7 @@ pub fn start_listener() {
         GAP_FLUSH.store(false, Ordering::Relaxed);
         return;
     }
-    let config = match pgcache_pg::connect_config(&settings) {
+    let (config, tls) = match pgcache_pg::config_and_tls(&settings) {
         Ok(c) => c,
         Err(e) => {
             GAP_FLUSH.store(false, Ordering::Relaxed);
@@ -125,6 +125,7 @@ pub fn start_listener() {
     let rt = state::runtime();
     let listen = rt.spawn(listener::run(
         config,
+        tls,
         settings.invalidation_channel.clone(),
         tx,
     ));

@@ -340,7 +340,20 @@ impl Settings {
             "events" => self.events.render(),
             "events_channel" => self.events_channel.clone(),
             "invalidation_channel" => self.invalidation_channel.clone(),
-            "tables" => self.tables.join(","),
+            // `set` drops one `public.`: a table named `public.x` in
+            // `public` (key name `public.x`) is shown as `public.public.x`.
+            "tables" => self
+                .tables
+                .iter()
+                .map(|t| {
+                    if t.starts_with("public.") {
+                        format!("public.{t}")
+                    } else {
+                        t.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(","),
             "max_batch" => self.max_batch.to_string(),
             "max_inflight" => self.max_inflight.to_string(),
             _ => return None,
@@ -515,6 +528,21 @@ mod tests {
                 && s.table_allowed("app.accounts")
                 && !s.table_allowed("products")
         );
+    }
+
+    /// Found by fuzz/fuzz_targets/module_args.rs: `public.public.x` (the
+    /// table `public.x` in `public`) came back from get as `public.x`,
+    /// which set reads as the table `x`.
+    #[test]
+    fn tables_round_trip() {
+        let mut s = Settings::default();
+        s.set("tables", "public.public.x, public.y, app.z").unwrap();
+        assert_eq!(s.tables, ["public.x", "y", "app.z"]);
+        let shown = s.get("tables").unwrap();
+        assert_eq!(shown, "public.public.x,y,app.z");
+        let mut t = Settings::default();
+        t.set("tables", &shown).unwrap();
+        assert_eq!(t, s);
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub enum PgError {
     Unavailable(String),
     #[error("PostgreSQL query timed out after {0} ms")]
     Timeout(u64),
+    #[error("PostgreSQL canceled the query (statement_timeout is the query timeout): {0}")]
+    Canceled(String),
     #[error("unknown table '{0}'")]
     UnknownTable(String),
     #[error("invalid table name '{0}': {1}")]
@@ -54,7 +56,8 @@ impl PgError {
                 | Some(SqlState::UNDEFINED_FUNCTION)
         );
         if code == Some(SqlState::QUERY_CANCELED) {
-            return PgError::Timeout(0);
+            // statement_timeout (set to the query timeout) fired.
+            return PgError::Canceled(describe(&e));
         }
         PgError::Query {
             table: table.to_owned(),

@@ -8,16 +8,16 @@ mod catalog;
 mod config;
 mod error;
 pub mod listener;
+pub mod tls;
 
-pub use config::connect_config;
+pub use config::{config_and_tls, connect_config};
 pub use error::PgError;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use pgcache_core::{Settings, TableSchema};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
-use std::time::{Duration, Instant};
-use tokio_postgres::NoTls;
+use std::time::Duration;
 
 /// Counters kept by the PostgreSQL layer (relaxed atomics: cheap, approximate
 /// ordering is fine for statistics).
@@ -26,16 +26,6 @@ pub struct PgStats {
     pub queries: AtomicU64,
     pub errors: AtomicU64,
     pub timeouts: AtomicU64,
-    pub fill_micros_total: AtomicU64,
-    pub fill_micros_max: AtomicU64,
-}
-
-impl PgStats {
-    fn record_latency(&self, started: Instant) {
-        let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
-        self.fill_micros_total.fetch_add(us, Ordering::Relaxed);
-        self.fill_micros_max.fetch_max(us, Ordering::Relaxed);
-    }
 }
 
 /// The pool and its settings; `reconfigure` swaps in a new pool.
@@ -68,10 +58,10 @@ impl Drop for Conn {
 }
 
 fn build_pool(settings: &Settings) -> Result<Pool, PgError> {
-    let cfg = connect_config(settings)?;
+    let (cfg, tls) = config::config_and_tls(settings)?;
     let manager = Manager::from_config(
         cfg,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -131,7 +121,6 @@ impl Pg {
         Fut: std::future::Future<Output = (Conn, Result<T, PgError>)>,
     {
         let timeout = self.timeout();
-        let started = Instant::now();
         let work = async {
             let obj = self
                 .pool()
@@ -151,8 +140,8 @@ impl Pg {
             Err(_) => Err(PgError::Timeout(timeout.as_millis() as u64)),
         };
         match &result {
-            Ok(_) => self.stats.record_latency(started),
-            Err(PgError::Timeout(_)) => {
+            Ok(_) => {}
+            Err(PgError::Timeout(_) | PgError::Canceled(_)) => {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) if e.is_answer() => {}

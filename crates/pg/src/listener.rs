@@ -8,7 +8,7 @@
 use pgcache_core::sql::quote_ident;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 #[derive(Debug)]
 pub enum ListenerEvent {
@@ -28,6 +28,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Runs until `events` is closed (the receiver dropped) or the task is aborted.
 pub async fn run(
     config: tokio_postgres::Config,
+    tls: crate::tls::TlsConnector,
     channel: String,
     events: mpsc::UnboundedSender<ListenerEvent>,
 ) {
@@ -37,7 +38,7 @@ pub async fn run(
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(10));
     loop {
-        let (was_connected, reason) = session(&config, &channel, &events).await;
+        let (was_connected, reason) = session(&config, &tls, &channel, &events).await;
         if events.send(ListenerEvent::Disconnected(reason)).is_err() {
             return;
         }
@@ -53,10 +54,11 @@ pub async fn run(
 /// One connection's life; returns whether LISTEN took effect, and why it ended.
 async fn session(
     config: &tokio_postgres::Config,
+    tls: &crate::tls::TlsConnector,
     channel: &str,
     events: &mpsc::UnboundedSender<ListenerEvent>,
 ) -> (bool, String) {
-    let (client, mut connection) = match config.connect(NoTls).await {
+    let (client, mut connection) = match config.connect(tls.clone()).await {
         Ok(c) => c,
         Err(e) => return (false, crate::error::describe(&e)),
     };
