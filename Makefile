@@ -11,7 +11,7 @@ TEST_CMD     ?= $(CARGO) test --workspace --release --no-fail-fast $(TEST_ARGS) 
 MODULE       := target/release/libpgcache.so
 
 .DEFAULT_GOAL := all
-.PHONY: all build clean deps test run lint bench help
+.PHONY: all build clean deps test run lint bench help fuzz
 
 ## all: build the module (cargo build --release) and copy it to ./pgcache.so
 all: build
@@ -55,3 +55,36 @@ bench: deps
 
 help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST)
+
+## fuzz: cargo-fuzz targets of crates/core, each FUZZ_SECONDS (60) s; crashes go to fuzz/artifacts/
+# fuzz/ is its own cargo workspace. cargo-fuzz needs nightly features:
+# RUSTC_BOOTSTRAP=1 lets the stable toolchain provide them (and AddressSanitizer).
+# New inputs go to fuzz/.scratch/<target> (ignored by git), never to the seed
+# corpus fuzz/corpus/<target>; `rm -rf fuzz/.scratch` starts afresh.
+FUZZ_SECONDS   ?= 60
+FUZZ_TARGETS   ?= canonical_key module_args notify_payload
+FUZZ_SANITIZER ?= address
+FUZZ_ARGS      ?=
+fuzz: deps
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@set -e; \
+	if ! command -v c++ >/dev/null 2>&1 && command -v clang++ >/dev/null 2>&1; then export CXX=clang++; fi; \
+	for t in $(FUZZ_TARGETS); do \
+	    mkdir -p fuzz/.scratch/$$t; \
+	    echo "== fuzz: $$t for $(FUZZ_SECONDS)s"; \
+	    RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz --sanitizer $(FUZZ_SANITIZER) \
+	        $$t fuzz/.scratch/$$t fuzz/corpus/$$t -- \
+	        -max_total_time=$(FUZZ_SECONDS) -dict=fuzz/dict/$$t.dict -print_final_stats=1 $(FUZZ_ARGS); \
+	done
+
+## memcheck: build, then tests/memcheck.rs with redis-server under valgrind; fails on any memcheck error
+# Every redis-server of the scenarios runs under valgrind's memcheck (see
+# `valgrind` in tests/common/mod.rs); a test fails if memcheck reports an
+# invalid read/write/free, an uninitialised value or a "definitely lost"
+# leak. VALGRIND_ARGS adds valgrind options, e.g. VALGRIND_ARGS=--errors-for-leak-kinds=none.
+VALGRIND_ARGS ?=
+.PHONY: memcheck
+memcheck: deps
+	@command -v valgrind >/dev/null || { echo "memcheck: valgrind not found (apt-get install valgrind)"; exit 1; }
+	$(CARGO) build --release
+	PGCACHE_VALGRIND=1 PGCACHE_VALGRIND_ARGS='$(VALGRIND_ARGS)' $(CARGO) test --release --test memcheck -- --test-threads=1 --nocapture
