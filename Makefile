@@ -85,6 +85,7 @@ fuzz: deps
 VALGRIND_ARGS ?=
 .PHONY: memcheck
 memcheck: deps
-	@command -v valgrind >/dev/null || { echo "memcheck: valgrind not found (apt-get install valgrind)"; exit 1; }
+	@command -v valgrind >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; } \
+	    || { echo "memcheck: valgrind not found and could not be installed (apt-get install valgrind)"; exit 1; }
 	$(CARGO) build --release
 	PGCACHE_VALGRIND=1 PGCACHE_VALGRIND_ARGS='$(VALGRIND_ARGS)' $(CARGO) test --release --test memcheck -- --test-threads=1 --nocapture

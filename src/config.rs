@@ -8,15 +8,30 @@ use redis_module::configuration::{
     register_string_configuration, ConfigurationContext, ConfigurationFlags, ConfigurationValue,
 };
 use redis_module::{raw, Context, RedisError, RedisString};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-struct Param(&'static str);
+/// A config, and the string its getter last gave Redis.
+struct Param(&'static str, Mutex<Option<Shown>>);
+
+/// A value as shown to Redis, owned here. Redis 7.0 copies the string a
+/// config getter returns and never frees it, and redis-module 2.0.8 hands
+/// the getter's string over (`take`): a fresh string per call would leak.
+struct Shown(String, RedisString);
+// SAFETY: used only by config getters, which run holding Redis's lock.
+unsafe impl Send for Shown {}
 
 impl ConfigurationValue<RedisString> for Param {
     fn get(&self, _ctx: &ConfigurationContext) -> RedisString {
         // Settings::get redacts the password.
         let value = SETTINGS.load().get(self.0).unwrap_or_default();
-        RedisString::create(None, value.as_str())
+        let mut shown = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        if shown.as_ref().is_none_or(|s| s.0 != value) {
+            let string = RedisString::create(None, value.as_str());
+            *shown = Some(Shown(value, string));
+        }
+        let inner = shown.as_ref().map_or(std::ptr::null_mut(), |s| s.1.inner);
+        // Borrowed by Redis: no reference is taken for it.
+        RedisString::from_redis_module_string(std::ptr::null_mut(), inner)
     }
 
     fn set(&self, _ctx: &ConfigurationContext, value: RedisString) -> Result<(), RedisError> {
@@ -72,7 +87,7 @@ pub fn register(ctx: &Context, args: &[String]) -> Result<(), String> {
         } else {
             ConfigurationFlags::DEFAULT
         };
-        let param: &'static Param = Box::leak(Box::new(Param(name)));
+        let param: &'static Param = Box::leak(Box::new(Param(name, Mutex::new(None))));
         register_string_configuration(ctx, name, param, &initial, flags, None);
     }
     let status = unsafe {

@@ -14,7 +14,7 @@ use pgcache_core::event::{EventType, Source};
 use pgcache_core::notify::{parse_payload, row_keys, Operation};
 use pgcache_core::{cache_key, CanonicalPk, Settings, TableSchema};
 use pgcache_pg::listener::{self, ListenerEvent};
-use redis_module::{Context, KeysCursor};
+use redis_module::{raw, Context};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -329,9 +329,49 @@ pub enum Scope {
 /// wait at most a millisecond or two.
 const SCAN_BATCH: usize = 1000;
 
-struct Cursor(KeysCursor);
+/// An RM_Scan cursor. Not redis-module's `KeysCursor`: its `scan` retains
+/// every key name it visits and never releases it (redis-module 2.0.8), a
+/// leak of ~48 bytes per key scanned.
+struct Cursor(*mut raw::RedisModuleScanCursor);
 // SAFETY: the cursor is only used while Redis's lock is held, by one task.
 unsafe impl Send for Cursor {}
+
+impl Cursor {
+    fn new() -> Cursor {
+        Cursor(unsafe { raw::RedisModule_ScanCursorCreate.unwrap()() })
+    }
+
+    /// One step of the scan: `f` sees each key name, borrowed from Redis.
+    /// False when the scan is over.
+    fn scan<F: FnMut(&[u8])>(&self, ctx: &Context, f: &mut F) -> bool {
+        extern "C" fn visit<F: FnMut(&[u8])>(
+            _ctx: *mut raw::RedisModuleCtx,
+            name: *mut raw::RedisModuleString,
+            _key: *mut raw::RedisModuleKey,
+            data: *mut std::ffi::c_void,
+        ) {
+            let mut len = 0usize;
+            // SAFETY: Redis passes a live key name and our `f` as `data`.
+            unsafe {
+                let ptr = raw::RedisModule_StringPtrLen.unwrap()(name, &mut len);
+                let f = &mut *data.cast::<F>();
+                f(std::slice::from_raw_parts(ptr.cast::<u8>(), len));
+            }
+        }
+        // SAFETY: the cursor is alive; Redis's lock is held (ctx).
+        unsafe {
+            raw::RedisModule_Scan.unwrap()(ctx.ctx, self.0, Some(visit::<F>), (f as *mut F).cast())
+                != 0
+        }
+    }
+}
+
+impl Drop for Cursor {
+    fn drop(&mut self) {
+        // SAFETY: created by ScanCursorCreate, destroyed once.
+        unsafe { raw::RedisModule_ScanCursorDestroy.unwrap()(self.0) }
+    }
+}
 
 /// Drops every entry in scope, a batch at a time, letting Redis serve other
 /// clients between batches. Fills in flight for the scope are not cached.
@@ -363,7 +403,7 @@ pub async fn flush(scope: Scope, source: (Source, Option<&'static str>)) -> u64 
         Scope::All => (0..databases()).collect(),
     };
     for db in dbs {
-        let cursor = Cursor(KeysCursor::new());
+        let cursor = Cursor::new();
         loop {
             let mut more = false;
             with_gil(|ctx| {
@@ -409,15 +449,13 @@ fn flush_batch(
     let mut visited = 0usize;
     let mut more = true;
     while more && visited < SCAN_BATCH {
-        let collect = |_: &Context,
-                       name: &redis_module::RedisString,
-                       _: Option<&redis_module::key::RedisKey>| {
+        let mut collect = |name: &[u8]| {
             visited += 1;
-            if entry_suffix(name.as_slice(), key_prefix, scope).is_some() {
-                names.push(name.as_slice().to_vec());
+            if entry_suffix(name, key_prefix, scope).is_some() {
+                names.push(name.to_vec());
             }
         };
-        more = cursor.0.scan(ctx, &collect);
+        more = cursor.scan(ctx, &mut collect);
     }
     if matches!(scope, Scope::All) {
         let sh = shared();

@@ -650,6 +650,8 @@ pub struct RedisServer {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    /// Under valgrind: its log was checked already (`shutdown_checked`).
+    valgrind_checked: bool,
 }
 
 /// What happened when a server was started with some module arguments.
@@ -690,7 +692,7 @@ impl RedisServer {
     /// Waits until the listener is connected and no gap flush runs (at once
     /// when the listener is off or PostgreSQL is unreachable).
     pub fn wait_until_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(20) * valgrind::slowdown();
         loop {
             let s = self.stats();
             let listener = s["listener"].as_str().unwrap_or("").to_owned();
@@ -763,7 +765,11 @@ impl RedisServer {
                 .expect("tempdir");
             let port = free_port();
             let log = dir.path().join("redis.log");
-            let mut cmd = Command::new(redis_server_bin());
+            let mut cmd = if valgrind::enabled() {
+                valgrind::command(dir.path())
+            } else {
+                Command::new(redis_server_bin())
+            };
             cmd.arg("--port")
                 .arg(port.to_string())
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -783,8 +789,13 @@ impl RedisServer {
                 .stderr(Stdio::null());
             die_with_parent(&mut cmd);
             let child = cmd.spawn().expect("spawn redis-server");
-            let mut server = RedisServer { child, port, dir };
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut server = RedisServer {
+                child,
+                port,
+                dir,
+                valgrind_checked: false,
+            };
+            let deadline = Instant::now() + Duration::from_secs(30) * valgrind::slowdown();
             loop {
                 if let Ok(Some(_status)) = server.child.try_wait() {
                     let text = server.log();
@@ -884,8 +895,202 @@ impl Drop for RedisServer {
                 tail(&self.log(), 40)
             );
         }
+        if valgrind::enabled() && !self.valgrind_checked {
+            // SHUTDOWN NOSAVE (so valgrind writes its leak summary), then the
+            // log check: panics with the log if valgrind reported errors.
+            let report = self.shutdown_under_valgrind();
+            if let Err(text) = report {
+                if std::thread::panicking() {
+                    eprintln!("{text}");
+                } else {
+                    panic!("{text}");
+                }
+            }
+            return;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// valgrind (opt-in: PGCACHE_VALGRIND=1, used by `make memcheck`)
+
+/// Running redis-server under valgrind's memcheck, and reading its verdict.
+///
+/// With `PGCACHE_VALGRIND` set (to anything but `0` or empty), every
+/// redis-server the harness launches runs under memcheck, logging to
+/// `valgrind.<pid>.log` in the server's temporary directory. Dropping the
+/// `RedisServer` (or `RedisServer::shutdown_checked`) sends `SHUTDOWN NOSAVE`,
+/// waits for the leak summary and panics with the log if memcheck found an
+/// error: an invalid read/write/free, a mismatched free, a use of an
+/// uninitialised value, a bad syscall argument, or a "definitely lost" leak.
+/// `PGCACHE_VALGRIND_ARGS` adds options; they override the harness's
+/// (e.g. `--errors-for-leak-kinds=none` to report leaks without failing).
+pub mod valgrind {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    pub fn enabled() -> bool {
+        std::env::var("PGCACHE_VALGRIND").is_ok_and(|v| !v.is_empty() && v != "0")
+    }
+
+    /// How much longer the harness waits for the server (start-up,
+    /// readiness): memcheck makes Redis 20-50x slower.
+    pub fn slowdown() -> u32 {
+        if enabled() {
+            10
+        } else {
+            1
+        }
+    }
+
+    /// tests/valgrind.supp: suppressions of Redis's own reports.
+    pub fn suppressions() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/valgrind.supp")
+    }
+
+    /// `valgrind <options> redis-server`; the caller adds Redis's arguments.
+    pub fn command(log_dir: &Path) -> Command {
+        let mut c = Command::new("valgrind");
+        c.args([
+            "--tool=memcheck",
+            // Debian's redis-server calls malloc/free of the shared
+            // libjemalloc: have memcheck replace those too (not only libc's),
+            // so it sees every Redis and module allocation.
+            "--soname-synonyms=somalloc=libjemalloc.so*",
+            // RedisAlloc (redis-module) relies on jemalloc's size classes for
+            // alignment; valgrind's malloc must align as much (tokio's
+            // cache-padded structures ask for 128).
+            "--alignment=128",
+            "--trace-children=no",
+            "--child-silent-after-fork=yes",
+            "--leak-check=full",
+            "--show-leak-kinds=definite",
+            "--errors-for-leak-kinds=definite",
+            "--num-callers=40",
+            "--track-origins=yes",
+            "--error-exitcode=99",
+        ]);
+        let supp = suppressions();
+        if supp.exists() {
+            c.arg(format!("--suppressions={}", supp.display()));
+        }
+        if let Ok(extra) = std::env::var("PGCACHE_VALGRIND_ARGS") {
+            c.args(extra.split_whitespace());
+        }
+        c.arg(format!("--log-file={}/valgrind.%p.log", log_dir.display()));
+        c.arg(super::redis_server_bin());
+        c
+    }
+
+    /// The text of every valgrind log in `dir`.
+    pub fn logs(dir: &Path) -> String {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        let n = p.file_name().unwrap_or_default().to_string_lossy();
+                        n.starts_with("valgrind.") && n.ends_with(".log")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Error counts from the `ERROR SUMMARY` lines (one per process that
+    /// exited normally).
+    pub fn error_counts(log: &str) -> Vec<u64> {
+        log.lines()
+            .filter_map(|l| l.split("ERROR SUMMARY: ").nth(1))
+            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    /// The start of an error report: memcheck's kinds of error.
+    pub fn has_error_reports(log: &str) -> bool {
+        const KINDS: &[&str] = &[
+            "Invalid read",
+            "Invalid write",
+            "Invalid free",
+            "Mismatched free",
+            "uninitialised",
+            "Syscall param",
+            "Source and destination overlap",
+            "Argument 'size' of function",
+            "Process terminating",
+        ];
+        log.lines().any(|l| KINDS.iter().any(|k| l.contains(k)))
+    }
+}
+
+impl RedisServer {
+    /// Under valgrind: `SHUTDOWN NOSAVE`, wait for the process (and its
+    /// leak summary), and return the valgrind log; `Err` with the log and
+    /// Redis's log tail if memcheck reported an error or did not finish.
+    /// Without valgrind: kills the server and returns an empty log.
+    pub fn shutdown_checked(&mut self) -> Result<String, String> {
+        if !valgrind::enabled() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return Ok(String::new());
+        }
+        self.shutdown_under_valgrind()
+    }
+
+    fn shutdown_under_valgrind(&mut self) -> Result<String, String> {
+        self.valgrind_checked = true;
+        let mut status = self.child.try_wait().ok().flatten();
+        if status.is_none() {
+            let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+            if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                let _ = s.write_all(b"SHUTDOWN NOSAVE\r\n");
+                // the connection closes as the server exits
+                let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf);
+            }
+            // the leak check runs after Redis exits: give it time
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while status.is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+                status = self.child.try_wait().ok().flatten();
+            }
+        }
+        let clean_exit = status.is_some();
+        if !clean_exit {
+            let _ = self.child.kill();
+            status = self.child.wait().ok();
+        }
+        let log = valgrind::logs(self.dir.path());
+        let counts = valgrind::error_counts(&log);
+        let bad = !clean_exit
+            || counts.is_empty()
+            || counts.iter().any(|&n| n > 0)
+            || valgrind::has_error_reports(&log)
+            || status.is_some_and(|s| s.code() == Some(99));
+        if bad {
+            Err(format!(
+                "valgrind memcheck (redis-server on port {}, exit {status:?}{}) reported errors:\n{log}\n\
+                 ---- redis log tail ----\n{}",
+                self.port,
+                if clean_exit {
+                    ""
+                } else {
+                    ", did not exit after SHUTDOWN NOSAVE: killed"
+                },
+                tail(&self.log(), 40)
+            ))
+        } else {
+            Ok(log)
+        }
     }
 }
 
