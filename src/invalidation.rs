@@ -146,7 +146,16 @@ pub fn stop_listener() {
 }
 
 async fn handle_events(mut rx: mpsc::UnboundedReceiver<ListenerEvent>) {
-    while let Some(event) = rx.recv().await {
+    // An event read while gathering a batch of notifications, handled next.
+    let mut next: Option<ListenerEvent> = None;
+    loop {
+        let event = match next.take() {
+            Some(e) => e,
+            None => match rx.recv().await {
+                Some(e) => e,
+                None => return,
+            },
+        };
         match event {
             ListenerEvent::Connected => {
                 // Stop serving what was cached before the gap first, then say so.
@@ -172,20 +181,33 @@ async fn handle_events(mut rx: mpsc::UnboundedReceiver<ListenerEvent>) {
                     });
                 }
             }
-            ListenerEvent::Notification(payload) => {
+            ListenerEvent::Notification(first) => {
+                // What has arrived meanwhile is handled together, in order,
+                // with one hold of Redis's lock.
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(ListenerEvent::Notification(p)) => batch.push(p),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let n = batch.len() as u64;
                 LISTENER_STATS
                     .notifications_received
-                    .fetch_add(1, Ordering::Relaxed);
-                // One at a time, in order; a panic in one is counted and
-                // the listener goes on.
+                    .fetch_add(n, Ordering::Relaxed);
+                // A panic is counted and the listener goes on.
                 if state::runtime()
-                    .spawn(handle_notification(payload))
+                    .spawn(handle_notifications(batch))
                     .await
                     .is_err()
                 {
                     LISTENER_STATS
                         .notifications_ignored
-                        .fetch_add(1, Ordering::Relaxed);
+                        .fetch_add(n, Ordering::Relaxed);
                 }
             }
         }
@@ -199,32 +221,57 @@ fn ignored(why: String) {
     with_gil(|ctx| ctx.log_debug(&format!("pgcache: notification ignored: {why}")));
 }
 
-async fn handle_notification(payload: String) {
-    let parsed = match parse_payload(&payload) {
-        Ok(p) => p,
-        Err(e) => return ignored(e.to_string()),
-    };
-    let table = match lookup_table(&parsed.table).await {
-        Ok(t) => t,
-        Err(e) => return ignored(format!("table {}: {e}", parsed.table)),
-    };
-    if parsed.operation == Operation::Truncate {
-        flush(Scope::Table(table), (Source::Notify, Some("TRUNCATE"))).await;
+/// Notifications received together, at most this many per batch.
+const MAX_BATCH: usize = 512;
+
+/// Keys to drop: the table, its keys, the trigger's operation.
+type Drops = Vec<(Arc<TableSchema>, Vec<CanonicalPk>, &'static str)>;
+
+async fn handle_notifications(batch: Vec<String>) {
+    let mut drops: Drops = Vec::new();
+    for payload in batch {
+        let parsed = match parse_payload(&payload) {
+            Ok(p) => p,
+            Err(e) => {
+                ignored(e.to_string());
+                continue;
+            }
+        };
+        let table = match lookup_table(&parsed.table).await {
+            Ok(t) => t,
+            Err(e) => {
+                ignored(format!("table {}: {e}", parsed.table));
+                continue;
+            }
+        };
+        if parsed.operation == Operation::Truncate {
+            // In order: what came before the TRUNCATE first.
+            apply_drops(std::mem::take(&mut drops));
+            flush(Scope::Table(table), (Source::Notify, Some("TRUNCATE"))).await;
+            continue;
+        }
+        match row_keys(&table, &parsed) {
+            Ok(keys) => drops.push((table, keys, parsed.operation.as_str())),
+            Err(e) => ignored(e.to_string()),
+        }
+    }
+    apply_drops(drops);
+}
+
+fn apply_drops(drops: Drops) {
+    if drops.is_empty() {
         return;
     }
-    let keys = match row_keys(&table, &parsed) {
-        Ok(k) => k,
-        Err(e) => return ignored(e.to_string()),
-    };
-    let op = parsed.operation.as_str();
     with_gil(|ctx| {
         let settings = SETTINGS.load();
         let dbs = used_dbs();
-        for pk in &keys {
-            if drop_entry(ctx, &settings, &table, pk, &dbs, (Source::Notify, Some(op))) {
-                LISTENER_STATS
-                    .entries_invalidated
-                    .fetch_add(1, Ordering::Relaxed);
+        for (table, keys, op) in &drops {
+            for pk in keys {
+                if drop_entry(ctx, &settings, table, pk, &dbs, (Source::Notify, Some(op))) {
+                    LISTENER_STATS
+                        .entries_invalidated
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     });
