@@ -48,10 +48,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: invalidation latency and PING latency while a million entries are dropped
+## bench: invalidation latency, then the issue-5 suite (bench/suite.rs); results into BENCHMARKS.md
+# The suite reads the invalidation bench's output from target/bench-invalidation.txt.
 bench: deps
 	$(CARGO) build --release
-	$(CARGO) bench --bench invalidation
+	$(CARGO) bench --bench invalidation > target/bench-invalidation.txt || { cat target/bench-invalidation.txt; exit 1; }
+	@cat target/bench-invalidation.txt
+	$(CARGO) bench --bench suite
 
 help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST)
