@@ -7,25 +7,6 @@ use common::*;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
-async fn aread(
-    con: &mut redis::aio::MultiplexedConnection,
-    pk: &str,
-) -> redis::RedisResult<Option<String>> {
-    redis::cmd("PGCACHE.READ")
-        .arg("users")
-        .arg(pk)
-        .query_async(con)
-        .await
-}
-
-async fn wait_in_flight(admin: &mut redis::aio::MultiplexedConnection, n: i64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while stat_of(&stats_async(admin).await, "fills_in_flight") < n {
-        assert!(Instant::now() < deadline, "fills never reached {n}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// SHUTDOWN while clients wait for fills: Redis exits at once, and every
 /// waiting client gets an answer (the connection closes) instead of hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,9 +18,9 @@ async fn shutdown_with_fills_in_flight_answers_every_client() {
     let mut set = JoinSet::new();
     for id in 1..=8 {
         let mut con = r.async_con().await;
-        set.spawn(async move { aread(&mut con, &format!(r#"{{"id":{id}}}"#)).await });
+        set.spawn(async move { aread(&mut con, "users", &format!(r#"{{"id":{id}}}"#)).await });
     }
-    wait_in_flight(&mut admin, 8).await;
+    wait_for_stat(&mut admin, "fills_in_flight", 8).await;
     let started = Instant::now();
     let _ = redis::cmd("SHUTDOWN")
         .arg("NOSAVE")
@@ -102,9 +83,9 @@ async fn config_set_connection_settings_under_load() {
     let mut held = JoinSet::new();
     for id in 1..=4 {
         let mut con = r.async_con().await;
-        held.spawn(async move { aread(&mut con, &format!(r#"{{"id":{id}}}"#)).await });
+        held.spawn(async move { aread(&mut con, "users", &format!(r#"{{"id":{id}}}"#)).await });
     }
-    wait_in_flight(&mut admin, 4).await;
+    wait_for_stat(&mut admin, "fills_in_flight", 4).await;
     // A new pool (different size and timeout); the held fills stay on the old one.
     for (name, value) in [("pg_pool_size", "3"), ("pg_query_timeout_ms", "20000")] {
         let _: () = redis::cmd("CONFIG")
@@ -125,7 +106,7 @@ async fn config_set_connection_settings_under_load() {
     // The new pool serves, with its new size.
     let mut con = r.async_con().await;
     for id in 10..30 {
-        assert!(aread(&mut con, &format!(r#"{{"id":{id}}}"#))
+        assert!(aread(&mut con, "users", &format!(r#"{{"id":{id}}}"#))
             .await
             .unwrap()
             .is_some());
@@ -148,5 +129,8 @@ async fn config_set_connection_settings_under_load() {
         .await
         .unwrap();
     assert_eq!(mode[1], "prefer");
-    assert!(aread(&mut con, r#"{"id":31}"#).await.unwrap().is_some());
+    assert!(aread(&mut con, "users", r#"{"id":31}"#)
+        .await
+        .unwrap()
+        .is_some());
 }
