@@ -109,6 +109,23 @@ INSERT INTO big_items VALUES (9007199254740993, 'beyond f64'), (1, 'one');
 // small utilities
 
 /// A port that was free a moment ago on 127.0.0.1.
+/// Module arguments for the test database on 127.0.0.1:`port`.
+pub fn module_args_for_port(port: u16) -> Vec<String> {
+    [
+        "pg_host",
+        "127.0.0.1",
+        "pg_port",
+        &port.to_string(),
+        "pg_database",
+        DB_NAME,
+        "pg_user",
+        "postgres",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().port()
@@ -448,16 +465,7 @@ impl PgServer {
 
     /// The module arguments that point pgcache at this server.
     pub fn module_args(&self) -> Vec<String> {
-        vec![
-            "pg_host".into(),
-            "127.0.0.1".into(),
-            "pg_port".into(),
-            self.port.to_string(),
-            "pg_database".into(),
-            DB_NAME.into(),
-            "pg_user".into(),
-            "postgres".into(),
-        ]
+        module_args_for_port(self.port)
     }
 
     /// A tokio-postgres client; its connection task runs on the caller's
@@ -1315,16 +1323,7 @@ impl DelayProxy {
 
     /// Module arguments that send pgcache through this proxy to `pg`.
     pub fn module_args(&self) -> Vec<String> {
-        vec![
-            "pg_host".into(),
-            "127.0.0.1".into(),
-            "pg_port".into(),
-            self.port.to_string(),
-            "pg_database".into(),
-            DB_NAME.into(),
-            "pg_user".into(),
-            "postgres".into(),
-        ]
+        module_args_for_port(self.port)
     }
 }
 
