@@ -38,6 +38,19 @@ pub fn reply(ctx: &Context, result: RedisResult) -> raw::Status {
     }
 }
 
+/// A Redis string of `bytes`, binary-safe. (The crate's `create_string`
+/// copies through a CString first: an extra allocation on the hit path, and
+/// a panic on a NUL byte.)
+pub fn redis_string(ctx: Option<&Context>, bytes: &[u8]) -> RedisString {
+    let ctx = ctx.map_or(std::ptr::null_mut(), |c| c.ctx);
+    // SAFETY: RM_CreateString copies `len` bytes from `ptr`; the result is
+    // owned by the returned RedisString, which frees it on drop.
+    let inner = unsafe {
+        raw::RedisModule_CreateString.unwrap()(ctx, bytes.as_ptr().cast::<c_char>(), bytes.len())
+    };
+    RedisString::from_redis_module_string(ctx, inner)
+}
+
 /// Redis ACLs bind the keys the module derives: the client's user must be
 /// allowed `permissions` on `key`, as if it had named the key itself.
 pub fn check_acl(
@@ -46,7 +59,13 @@ pub fn check_acl(
     key: &str,
     permissions: AclPermissions,
 ) -> Result<(), RedisError> {
-    check_acl_named(ctx, user, &ctx.create_string(key), key, permissions)
+    check_acl_named(
+        ctx,
+        user,
+        &redis_string(Some(ctx), key.as_bytes()),
+        key,
+        permissions,
+    )
 }
 
 pub fn check_acl_named(
@@ -57,7 +76,7 @@ pub fn check_acl_named(
     permissions: AclPermissions,
 ) -> Result<(), RedisError> {
     let user = match user {
-        Some(user) => ctx.create_string(user),
+        Some(user) => redis_string(Some(ctx), user),
         None => ctx.get_current_user(),
     };
     ctx.acl_check_key_permission(&user, name, &permissions)
@@ -79,7 +98,7 @@ pub enum Lookup<'a> {
 
 /// Opens `key` for reading and hands its value to `f` without copying it.
 pub fn with_entry<R>(ctx: &Context, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
-    lookup(ctx, &ctx.create_string(key), key, f)
+    lookup(ctx, &redis_string(Some(ctx), key.as_bytes()), key, f)
 }
 
 pub fn lookup<R>(ctx: &Context, name: &RedisString, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
@@ -224,8 +243,8 @@ fn publish_json(
         return;
     }
     let msg = event_json(ty, table_json, key_json, now(), source);
-    let channel = RedisString::create(None, settings.events_channel.as_str());
-    let message = RedisString::create(None, msg.as_str());
+    let channel = redis_string(None, settings.events_channel.as_bytes());
+    let message = redis_string(None, msg.as_bytes());
     unsafe {
         raw::RedisModule_PublishMessage.unwrap()(ctx.ctx, channel.inner, message.inner);
     }

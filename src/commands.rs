@@ -222,7 +222,7 @@ fn read_row(
     }
     let pk_json = &key[pk_at..];
     // One key handle for the ACL check and the lookup.
-    let name = ctx.create_string(key.as_str());
+    let name = cache::redis_string(Some(ctx), key.as_bytes());
     if let Err(e) =
         cache::check_acl_named(ctx, responder.user(), &name, &key, AclPermissions::ACCESS)
     {

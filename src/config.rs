@@ -26,7 +26,7 @@ impl ConfigurationValue<RedisString> for Param {
         let value = SETTINGS.load().get(self.0).unwrap_or_default();
         let mut shown = self.1.lock().unwrap_or_else(|e| e.into_inner());
         if shown.as_ref().is_none_or(|s| s.0 != value) {
-            let string = RedisString::create(None, value.as_str());
+            let string = crate::cache::redis_string(None, value.as_bytes());
             *shown = Some(Shown(value, string));
         }
         let inner = shown.as_ref().map_or(std::ptr::null_mut(), |s| s.1.inner);

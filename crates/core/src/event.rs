@@ -49,14 +49,21 @@ pub fn event_json(
     timestamp: f64,
     source: Option<(Source, Option<&str>)>,
 ) -> String {
-    let mut out = String::with_capacity(64 + table_json.len() + key_json.len());
+    let mut out = String::with_capacity(96 + table_json.len() + key_json.len());
+    out.push_str("{\"type\":\"");
+    out.push_str(ty.as_str());
+    out.push_str("\",\"table\":");
+    out.push_str(table_json);
+    out.push_str(",\"key\":");
+    out.push_str(key_json);
+    // Seconds with six decimals, formatted as integers (float formatting
+    // costs more than the rest of the event on the hit path).
+    let micros = (timestamp.max(0.0) * 1e6).round() as u64;
     let _ = write!(
         out,
-        "{{\"type\":\"{}\",\"table\":{},\"key\":{},\"timestamp\":{:.6}",
-        ty.as_str(),
-        table_json,
-        key_json,
-        timestamp
+        ",\"timestamp\":{}.{:06}",
+        micros / 1_000_000,
+        micros % 1_000_000
     );
     if let Some((source, operation)) = source {
         let _ = write!(out, ",\"source\":\"{}\"", source.as_str());
@@ -95,6 +102,7 @@ mod tests {
         assert_eq!(v["table"], "users");
         assert_eq!(v["key"]["id"], 1);
         assert_eq!(v["timestamp"].as_f64().unwrap(), 1700000000.25);
+        assert!(s.contains(r#""timestamp":1700000000.250000"#), "{s}");
         assert!(v.get("source").is_none());
         let s = event_json(
             EventType::Invalidate,
