@@ -39,9 +39,8 @@ impl Replier {
 
     pub fn reply(self, result: RedisResult) {
         cache::reply(&Context::new(self.ctx), result);
-        // Drop unblocks.
-        let mut this = self;
-        this.finish();
+        let mut answered = self;
+        answered.finish();
     }
 
     fn finish(&mut self) {

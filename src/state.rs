@@ -25,9 +25,9 @@ pub type FillKey = (i32, String);
 /// is an entry, and clients choose the spellings.
 const MAX_CATALOG_ENTRIES: usize = 10_000;
 
-/// State touched only while Redis's lock is held (command handlers, and
-/// background tasks holding the thread-safe context lock), so the mutex is
-/// never contended; it exists to make the sharing sound.
+/// State used by command handlers and by background tasks holding Redis's
+/// lock (the listener's catalog lookups also take it without), so the mutex
+/// is almost never contended; it exists to make the sharing sound.
 pub struct Shared {
     /// Table argument as the client spelled it → its schema.
     catalog: HashMap<Vec<u8>, Arc<TableSchema>>,
