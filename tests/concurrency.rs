@@ -118,13 +118,7 @@ async fn same_key_misses_share_one_query() {
     let pg = PgServer::start_new();
     let r = RedisServer::with_pg(&pg, &["pg_query_timeout_ms", "120000"]);
     let mut admin = r.async_con().await;
-    // warm up: catalog and connections
-    assert_eq!(
-        aread(&mut admin, "users", r#"{"id":999999}"#)
-            .await
-            .unwrap(),
-        None
-    );
+    warm_up(&mut admin).await;
     let expected = pg.row_json("users", "id = 500").unwrap();
     pg.reset_stats();
     let before = stats_async(&mut admin).await;
@@ -189,12 +183,7 @@ async fn fills_in_flight_are_bounded() {
     let pg = PgServer::start_new();
     let r = RedisServer::with_pg(&pg, &["max_inflight", "2", "pg_query_timeout_ms", "120000"]);
     let mut admin = r.async_con().await;
-    assert_eq!(
-        aread(&mut admin, "users", r#"{"id":999999}"#)
-            .await
-            .unwrap(),
-        None
-    );
+    warm_up(&mut admin).await;
     read_row(&mut r.con(), "users", r#"{"id":100}"#); // cached: a hit later
 
     let lock = pg.lock_table("users").await;
@@ -243,12 +232,7 @@ async fn invalidate_during_fill_is_not_undone() {
     let pg = PgServer::start_new();
     let r = RedisServer::with_pg(&pg, &["pg_query_timeout_ms", "120000"]);
     let mut admin = r.async_con().await;
-    assert_eq!(
-        aread(&mut admin, "users", r#"{"id":999999}"#)
-            .await
-            .unwrap(),
-        None
-    );
+    warm_up(&mut admin).await;
     let before = stats_async(&mut admin).await;
 
     let lock = pg.lock_table("users").await;
@@ -286,12 +270,7 @@ async fn write_during_fill_is_not_overwritten() {
     let pg = PgServer::start_new();
     let r = RedisServer::with_pg(&pg, &["pg_query_timeout_ms", "120000"]);
     let mut admin = r.async_con().await;
-    assert_eq!(
-        aread(&mut admin, "users", r#"{"id":999999}"#)
-            .await
-            .unwrap(),
-        None
-    );
+    warm_up(&mut admin).await;
 
     let lock = pg.lock_table("users").await;
     let mut con = r.async_con().await;
@@ -335,12 +314,7 @@ async fn killed_client_leaves_nothing_behind() {
     let pg = PgServer::start_new();
     let r = RedisServer::with_pg(&pg, &["pg_query_timeout_ms", "120000"]);
     let mut admin = r.async_con().await;
-    assert_eq!(
-        aread(&mut admin, "users", r#"{"id":999999}"#)
-            .await
-            .unwrap(),
-        None
-    );
+    warm_up(&mut admin).await;
 
     let lock = pg.lock_table("users").await;
     let mut victim = r.async_con().await;

@@ -395,13 +395,7 @@ async fn clients_killed_while_blocked_on_a_miss() {
     let pg = PgServer::start_new();
     let r = RedisServer::with_pg(&pg, &["pg_query_timeout_ms", "300000"]);
     let mut admin = r.async_con().await;
-    // warm up: catalog and connections
-    assert_eq!(
-        aread(&mut admin, "users", r#"{"id":999999}"#)
-            .await
-            .unwrap(),
-        None
-    );
+    warm_up(&mut admin).await;
 
     // Held fills: READs of one key (coalesced), MULTIREADs, a READ of another.
     let lock = pg.lock_table("users").await;

@@ -1429,6 +1429,15 @@ pub async fn wait_for_stat(
     }
 }
 
+/// A READ of a row that does not exist: the table is in the catalog cache
+/// and a pooled connection is open before a test starts timing or holding.
+pub async fn warm_up(admin: &mut redis::aio::MultiplexedConnection) {
+    assert_eq!(
+        aread(admin, "users", r#"{"id":999999}"#).await.unwrap(),
+        None
+    );
+}
+
 pub async fn aread(
     con: &mut redis::aio::MultiplexedConnection,
     table: &str,

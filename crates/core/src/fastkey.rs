@@ -211,18 +211,10 @@ pub fn push_canonical_pk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::PkColumn;
+    use crate::schema::test_table;
 
     fn table(cols: &[(&str, PkKind)]) -> TableSchema {
-        let pk = cols
-            .iter()
-            .map(|(n, k)| PkColumn {
-                name: (*n).into(),
-                type_sql: "x".into(),
-                kind: *k,
-            })
-            .collect();
-        TableSchema::new(1, "public", "t", pk)
+        test_table("t", cols)
     }
 
     /// The fast path must agree with the full parser, answer for answer.

@@ -263,18 +263,10 @@ fn parse_bool(s: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::PkColumn;
+    use crate::schema::test_table;
 
     fn table(cols: &[(&str, PkKind)]) -> TableSchema {
-        let pk = cols
-            .iter()
-            .map(|(n, k)| PkColumn {
-                name: (*n).into(),
-                type_sql: "\"pg_catalog\".\"x\"".into(),
-                kind: *k,
-            })
-            .collect();
-        TableSchema::new(1, "public", "users", pk)
+        test_table("users", cols)
     }
 
     fn canon(t: &TableSchema, raw: &str) -> Result<String, KeyError> {

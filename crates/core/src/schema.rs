@@ -103,6 +103,20 @@ pub fn key_name(schema: &str, name: &str) -> String {
     }
 }
 
+/// A table `public.<name>` with these primary-key columns, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_table(name: &str, cols: &[(&str, PkKind)]) -> TableSchema {
+    let pk = cols
+        .iter()
+        .map(|(n, k)| PkColumn {
+            name: (*n).into(),
+            type_sql: "\"pg_catalog\".\"x\"".into(),
+            kind: *k,
+        })
+        .collect();
+    TableSchema::new(1, "public", name, pk)
+}
+
 /// System catalogs are never served, whatever the allowlist says.
 pub fn is_system_schema(schema: &str) -> bool {
     schema.starts_with("pg_") || schema == "information_schema"
