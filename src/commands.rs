@@ -6,14 +6,14 @@
 //! (blocked client, background task), then the command continues.
 
 use crate::cache::{self, err, with_entry, wrongtype, Lookup};
-use crate::fill::{self, Batch, FillPlan, Replier, Responder, Waiter};
+use crate::fill::{self, Batch, FetchGroup, FillPlan, Replier, Responder, Waiter};
 use crate::info;
 use crate::state::{self, shared, SETTINGS, STATS};
 use pgcache_core::args::check_table_arg;
 use pgcache_core::event::{EventType, Source};
 use pgcache_core::key::canonical_pk_value;
 use pgcache_core::{
-    cache_key, canonical_pk, parse_ttl, push_canonical_pk, CanonicalPk, FillId, Join, Settings,
+    cache_key, canonical_pk, parse_ttl, push_canonical_pk, CanonicalPk, Join, Settings,
     TableSchema, NEGATIVE_MARKER,
 };
 use redis_module::{raw, AclPermissions, Context, RedisError, RedisResult, RedisValue};
@@ -246,11 +246,6 @@ fn read_row(
     };
     STATS.misses.fetch_add(1, Ordering::Relaxed);
     cache::publish(ctx, &settings, EventType::Miss, table, pk_json, None);
-    // Bind parameters are only needed on a miss.
-    let params = match canonical_pk(table, pk_json.as_bytes()) {
-        Ok(pk) => pk.params,
-        Err(e) => return responder.answer(Err(err(e))),
-    };
     let db = cache::selected_db(ctx);
     let fill_key = (db, key);
     let mut sh = shared();
@@ -266,13 +261,16 @@ fn read_row(
         }
         Join::Started(id) => {
             drop(sh);
-            let plan = FillPlan {
+            let mut group = FetchGroup::new(FillPlan {
                 table: table.clone(),
                 db,
                 ttl: ttl.unwrap_or(settings.default_ttl),
                 negative_ttl: settings.negative_ttl,
-            };
-            fill::start_one(plan, fill_key.1, id, params);
+            });
+            let (_, key) = fill_key;
+            let pk_json = key[pk_at..].to_owned();
+            group.add(key, id, pk_json);
+            fill::enqueue(group);
         }
     }
     Ok(RedisValue::NoReply)
@@ -362,8 +360,13 @@ fn read_rows(
         return responder.answer(Err(busy(settings.max_inflight)));
     }
     let batch = Batch::new(slots, missing.len(), responder.into_replier(ctx));
-    let mut started: Vec<(String, FillId)> = Vec::new();
-    let mut started_pks: Vec<&str> = Vec::new();
+    // All misses of the call, one group: one query.
+    let mut group = FetchGroup::new(FillPlan {
+        table: table.clone(),
+        db,
+        ttl: ttl.unwrap_or(settings.default_ttl),
+        negative_ttl: settings.negative_ttl,
+    });
     for (first, positions) in missing {
         let key = keys[first].clone();
         match sh.fills.join(
@@ -374,23 +377,12 @@ fn read_rows(
             Join::Joined => {
                 STATS.coalesced_waits.fetch_add(1, Ordering::Relaxed);
             }
-            Join::Started(id) => {
-                started.push((key, id));
-                started_pks.push(&pks[first].json);
-            }
+            Join::Started(id) => group.add(key, id, pks[first].json.clone()),
         }
     }
     drop(sh);
-    if !started.is_empty() {
-        let plan = FillPlan {
-            table: table.clone(),
-            db,
-            ttl: ttl.unwrap_or(settings.default_ttl),
-            negative_ttl: settings.negative_ttl,
-        };
-        // All misses of the call, one query.
-        let pks_json = fill::json_array(started_pks.into_iter());
-        fill::start_many(plan, started, pks_json);
+    if !group.is_empty() {
+        fill::enqueue(group);
     }
     Ok(RedisValue::NoReply)
 }

@@ -7,12 +7,12 @@
 
 use crate::cache::{self, err};
 use crate::state::{self, shared, FillKey, STATS};
-use pgcache_core::{FillId, TableSchema, NEGATIVE_MARKER};
+use pgcache_core::{FillId, PendingFetches, TableSchema, NEGATIVE_MARKER};
 use pgcache_pg::PgError;
 use redis_module::{raw, Context, RedisResult, RedisValue, ThreadSafeContext};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// A blocked client and the means to answer it, through the raw module API
@@ -237,64 +237,150 @@ pub struct FillPlan {
     pub negative_ttl: u64,
 }
 
-/// Fills one key (a READ miss).
-pub fn start_one(plan: FillPlan, key: String, id: FillId, params: Vec<String>) {
-    let table = plan.table.clone();
-    let pg = state::pg();
-    let work = {
-        let table = table.clone();
-        async move {
-            let started = Instant::now();
-            let r = pg.fetch_one(&table, &params).await;
-            record_latency(started);
-            forget_if_changed(&table, &r);
-            r
+/// Misses waiting for a connection, per table oid (see `pgcache_core::pending`).
+static PENDING: LazyLock<Mutex<PendingFetches<u32, FetchGroup>>> =
+    LazyLock::new(|| Mutex::new(PendingFetches::new()));
+
+/// Most keys one batched query asks for (a MULTIREAD's keys are never split).
+const MAX_KEYS_PER_QUERY: usize = 500;
+
+fn pending() -> MutexGuard<'static, PendingFetches<u32, FetchGroup>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keys whose fills were started together (a READ's one key, a MULTIREAD's
+/// missing keys): one plan, always in the same query.
+pub struct FetchGroup {
+    plan: FillPlan,
+    /// Cache keys and their fills, aligned with `pks`.
+    keys: Vec<(String, FillId)>,
+    /// Canonical primary keys (JSON objects).
+    pks: Vec<String>,
+}
+
+impl FetchGroup {
+    pub fn new(plan: FillPlan) -> FetchGroup {
+        FetchGroup {
+            plan,
+            keys: Vec::new(),
+            pks: Vec::new(),
         }
-    };
-    spawn_guarded(work, move |outcome| {
-        with_gil(|ctx| complete(ctx, &plan, &key, id, &outcome));
+    }
+
+    pub fn add(&mut self, key: String, id: FillId, pk_json: String) {
+        self.keys.push((key, id));
+        self.pks.push(pk_json);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Groups taken for one query. Dropped before `complete` (a panic), it
+/// answers their waiters with an error and ends their fills.
+struct Taken(Vec<FetchGroup>);
+
+impl Taken {
+    fn complete(mut self, outcome: Result<Vec<Option<String>>, String>, schema_changed: bool) {
+        let groups = std::mem::take(&mut self.0);
+        with_gil(|ctx| {
+            if schema_changed {
+                if let Some(g) = groups.first() {
+                    shared().forget_table(g.plan.table.oid);
+                }
+            }
+            complete_groups(ctx, groups, outcome);
+        });
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            let groups = std::mem::take(&mut self.0);
+            with_gil(|ctx| complete_groups(ctx, groups, Err(INTERNAL.to_string())));
+        }
+    }
+}
+
+const INTERNAL: &str = "pgcache: internal error in a background task";
+
+/// Queues a fill of `group`'s keys and starts the task that will run it, or
+/// find it already taken by a query that started meanwhile.
+pub fn enqueue(group: FetchGroup) {
+    let oid = group.plan.table.oid;
+    pending().push(oid, group.keys.len(), group);
+    state::runtime().spawn(async move {
+        let fetch = state::runtime().spawn(fetch_queued(oid));
+        if fetch.await.is_err() {
+            // The task died before or after its take: take once more so no
+            // queued group is left without a task (see pgcache_core::pending).
+            let groups = take_queued(oid);
+            if !groups.is_empty() {
+                with_gil(|ctx| complete_groups(ctx, groups, Err(INTERNAL.to_string())));
+            }
+        }
     });
 }
 
-/// Fills the missing keys of a MULTIREAD with one query.
-pub fn start_many(plan: FillPlan, keys: Vec<(String, FillId)>, pks_json: String) {
-    let table = plan.table.clone();
-    let pg = state::pg();
-    let n = keys.len();
-    let work = async move {
-        let started = Instant::now();
-        let r = pg.fetch_many(&table, &pks_json, n).await;
-        record_latency(started);
-        forget_if_changed(&table, &r);
-        r
+fn take_queued(oid: u32) -> Vec<FetchGroup> {
+    pending().take(&oid, MAX_KEYS_PER_QUERY, |a, b| {
+        Arc::ptr_eq(&a.plan.table, &b.plan.table)
+    })
+}
+
+/// One query for whatever is queued for table `oid` once a connection is free.
+async fn fetch_queued(oid: u32) {
+    let started = Instant::now();
+    let fetched = state::pg()
+        .fetch_taken(|| {
+            let mut groups = take_queued(oid);
+            let table = groups.first()?.plan.table.clone();
+            let pks: Vec<String> = groups
+                .iter_mut()
+                .flat_map(|g| std::mem::take(&mut g.pks))
+                .collect();
+            Some((table, pks, Taken(groups)))
+        })
+        .await;
+    let Some((taken, result)) = fetched else {
+        return;
     };
-    spawn_guarded(work, move |outcome| {
-        with_gil(|ctx| {
-            for (i, (key, id)) in keys.iter().enumerate() {
-                let one: Outcome = match &outcome {
-                    Ok(rows) => Ok(rows.get(i).cloned().flatten()),
-                    Err(e) => Err(e.clone()),
-                };
-                complete(ctx, &plan, key, *id, &one);
-            }
-        });
-    });
+    record_latency(started);
+    let schema_changed = matches!(&result, Err(e) if e.schema_changed());
+    taken.complete(result.map_err(|e| e.to_string()), schema_changed);
+}
+
+/// Ends the fills of `groups` with the rows of their query (aligned with
+/// the groups' keys, in order) or its error. Each key is ended on its own:
+/// a panic in one leaves the others' fills correct.
+fn complete_groups(
+    ctx: &Context,
+    groups: Vec<FetchGroup>,
+    outcome: Result<Vec<Option<String>>, String>,
+) {
+    let mut rows = match outcome {
+        Ok(rows) => Ok(rows.into_iter()),
+        Err(e) => Err(e),
+    };
+    for group in groups {
+        for (key, id) in &group.keys {
+            let one: Outcome = match &mut rows {
+                Ok(rows) => Ok(rows.next().flatten()),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                complete(ctx, &group.plan, key, *id, &one)
+            }));
+        }
+    }
 }
 
 fn record_latency(started: Instant) {
     STATS
         .fill_latency
         .record(started.elapsed().as_micros().min(u64::MAX as u128) as u64);
-}
-
-/// A table whose definition changed is looked up again on next use.
-fn forget_if_changed<T>(table: &TableSchema, r: &Result<T, PgError>) {
-    if let Err(e) = r {
-        if e.schema_changed() {
-            let oid = table.oid;
-            with_gil(|_| shared().forget_table(oid));
-        }
-    }
 }
 
 /// Ends a fill under Redis's lock: caches the result unless an invalidation

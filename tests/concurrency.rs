@@ -178,6 +178,93 @@ async fn same_key_misses_share_one_query() {
     assert_eq!(stat_of(&after, "fills_in_flight"), 0, "{after}");
 }
 
+/// Cold misses of different keys that wait for a connection are fetched
+/// together: with one pooled connection held by a locked query, 44 READs and
+/// a MULTIREAD queue up, and the next free connection takes them all in one
+/// query. Every client still gets its own row (or nil).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_misses_waiting_for_a_connection_share_one_query() {
+    let pg = PgServer::start_new();
+    let r = RedisServer::with_pg(&pg, &["pg_pool_size", "1", "pg_query_timeout_ms", "120000"]);
+    let mut admin = r.async_con().await;
+    warm_up(&mut admin).await;
+    let expected = Arc::new(all_users(&pg));
+    pg.reset_stats();
+    let before = stats_async(&mut admin).await;
+
+    let lock = pg.lock_table("users").await;
+    // The first miss takes the only connection and waits on the lock.
+    let mut first_con = r.async_con().await;
+    let first = tokio::spawn(async move { aread(&mut first_con, "users", r#"{"id":1}"#).await });
+    wait_for_stat(&mut admin, "fills_in_flight", 1).await;
+    let mut set = JoinSet::new();
+    // ids 5001.. do not exist: nil answers must land on the right clients.
+    let ids: Vec<i64> = (2..=40).chain(5001..=5005).collect();
+    for &id in &ids {
+        let mut con = r.async_con().await;
+        set.spawn(async move {
+            (
+                id,
+                aread(&mut con, "users", &format!(r#"{{"id":{id}}}"#)).await,
+            )
+        });
+    }
+    let mut multi_con = r.async_con().await;
+    let multi = tokio::spawn(async move {
+        redis::cmd("PGCACHE.MULTIREAD")
+            .arg("users")
+            .arg(r#"[{"id":41},{"id":42},{"id":43},{"id":2},{"id":41},{"id":5006}]"#)
+            .query_async::<String>(&mut multi_con)
+            .await
+    });
+    // 1 + 44 READs + 4 new keys of the MULTIREAD (2 joins a READ's fill).
+    wait_for_stat(&mut admin, "fills_in_flight", 49).await;
+    lock.release().await;
+
+    assert_eq!(
+        first.await.unwrap().unwrap().map(|t| json(&t)).as_ref(),
+        expected.get(&1)
+    );
+    while let Some(res) = set.join_next().await {
+        let (id, got) = res.unwrap();
+        let got = got.unwrap_or_else(|e| panic!("READ {id}: {e}"));
+        assert_eq!(got.map(|t| json(&t)).as_ref(), expected.get(&id), "id {id}");
+    }
+    let rows = json(&multi.await.unwrap().unwrap());
+    let want: Vec<Value> = [41, 42, 43, 2, 41, 5006]
+        .iter()
+        .map(|id| expected.get(id).cloned().unwrap_or(Value::Null))
+        .collect();
+    assert_eq!(rows, Value::Array(want));
+
+    assert_eq!(
+        pg.queries_on("users"),
+        2,
+        "the locked query, then one for all 48 queued keys:\n{}",
+        pg.statements()
+    );
+    let after = stats_async(&mut admin).await;
+    assert_eq!(
+        stat_of(&after, "pg_queries") - stat_of(&before, "pg_queries"),
+        2,
+        "{after}"
+    );
+    assert_eq!(stat_of(&after, "fills_in_flight"), 0, "{after}");
+    // Everything was cached: reading it all again issues no query.
+    for id in ids.iter().chain(&[1, 41, 42, 43]) {
+        let got = aread(&mut admin, "users", &format!(r#"{{"id":{id}}}"#))
+            .await
+            .unwrap();
+        assert_eq!(got.map(|t| json(&t)).as_ref(), expected.get(id), "id {id}");
+    }
+    let again = stats_async(&mut admin).await;
+    assert_eq!(
+        stat_of(&again, "pg_queries"),
+        stat_of(&after, "pg_queries") + 5,
+        "only the 5 nonexistent ids (no negative_ttl) go back to PostgreSQL: {again}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fills_in_flight_are_bounded() {
     let pg = PgServer::start_new();

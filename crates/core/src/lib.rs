@@ -12,6 +12,7 @@ pub mod fills;
 pub mod key;
 pub mod latency;
 pub mod notify;
+pub mod pending;
 pub mod schema;
 pub mod settings;
 pub mod sql;
@@ -22,5 +23,6 @@ pub use fills::{FillId, FillRegistry, Finished, Join};
 pub use key::{
     cache_key, canonical_pk, canonical_pk_value, CanonicalPk, KeyError, NEGATIVE_MARKER,
 };
+pub use pending::PendingFetches;
 pub use schema::{PkColumn, PkKind, TableSchema};
 pub use settings::{EventMask, SettingError, Settings, SslMode};

@@ -14,9 +14,9 @@ pub use config::{config_and_tls, connect_config};
 pub use error::PgError;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use pgcache_core::{Settings, TableSchema};
+use pgcache_core::{canonical_pk, Settings, TableSchema};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Counters kept by the PostgreSQL layer (relaxed atomics: cheap, approximate
@@ -114,20 +114,24 @@ impl Pg {
         Duration::from_millis(self.query_timeout_ms.load(Ordering::Relaxed))
     }
 
-    /// Runs `op` on a pooled connection, bounded by the query timeout.
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, PgError>
+    /// A pooled connection, waited for under the query timeout.
+    async fn connection(&self, timeout: Duration) -> Result<Conn, PgError> {
+        match tokio::time::timeout(timeout, self.pool().get()).await {
+            Ok(Ok(obj)) => Ok(Conn(Some(obj))),
+            Ok(Err(e)) => Err(PgError::from_pool(e, timeout)),
+            Err(_) => Err(PgError::Timeout(timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Runs `op` on `conn` under the query timeout; the connection goes back
+    /// to the pool only if it is known to be idle and healthy.
+    async fn run_on<T, F, Fut>(&self, conn: Conn, timeout: Duration, op: F) -> Result<T, PgError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = (Conn, Result<T, PgError>)>,
     {
-        let timeout = self.timeout();
         let work = async {
-            let obj = self
-                .pool()
-                .get()
-                .await
-                .map_err(|e| PgError::from_pool(e, timeout))?;
-            let (conn, result) = op(Conn(Some(obj))).await;
+            let (conn, result) = op(conn).await;
             match &result {
                 Ok(_) => conn.keep(),
                 Err(e) if e.is_answer() => conn.keep(),
@@ -135,11 +139,14 @@ impl Pg {
             }
             result
         };
-        let result = match tokio::time::timeout(timeout, work).await {
+        match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(PgError::Timeout(timeout.as_millis() as u64)),
-        };
-        match &result {
+        }
+    }
+
+    fn count<T>(&self, result: &Result<T, PgError>) {
+        match result {
             Ok(_) => {}
             Err(PgError::Timeout(_) | PgError::Canceled(_)) => {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -149,6 +156,21 @@ impl Pg {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Runs `op` on a pooled connection: waiting for it and running `op` are
+    /// each bounded by the query timeout.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, PgError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = (Conn, Result<T, PgError>)>,
+    {
+        let timeout = self.timeout();
+        let result = match self.connection(timeout).await {
+            Ok(conn) => self.run_on(conn, timeout, op).await,
+            Err(e) => Err(e),
+        };
+        self.count(&result);
         result
     }
 
@@ -162,68 +184,98 @@ impl Pg {
         .await
     }
 
-    /// One row by key (`params` in `TableSchema::pk` order), as JSON text.
-    pub async fn fetch_one(
+    /// Waits for a pooled connection, then asks `take` for the rows to fetch
+    /// (a table, canonical primary keys as JSON text, and the caller's
+    /// bookkeeping `W`) and fetches them in one query. Asking only once a
+    /// connection is free is what batches misses: those queued while the
+    /// pool was busy are all taken by the next free connection.
+    ///
+    /// `None` when `take` had nothing to do. When no connection could be had,
+    /// `take` is still called and its work gets the error, so whatever is
+    /// queued is always answered.
+    pub async fn fetch_taken<W>(
         &self,
-        table: &TableSchema,
-        params: &[String],
-    ) -> Result<Option<String>, PgError> {
-        self.run(|conn| async move {
-            let r = async {
-                let client = conn.client();
-                let stmt = client
-                    .prepare_cached(&table.select_one)
-                    .await
-                    .map_err(|e| PgError::query(&table.key_name, e))?;
-                let args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
-                    .iter()
-                    .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect();
-                self.stats.queries.fetch_add(1, Ordering::Relaxed);
-                let row = client
-                    .query_opt(&stmt, &args)
-                    .await
-                    .map_err(|e| PgError::query(&table.key_name, e))?;
-                Ok(row.map(|r| r.get::<_, String>(0)))
+        take: impl FnOnce() -> Option<(Arc<TableSchema>, Vec<String>, W)>,
+    ) -> Option<(W, Result<Vec<Option<String>>, PgError>)> {
+        let timeout = self.timeout();
+        let conn = self.connection(timeout).await;
+        let Some((table, pks, work)) = take() else {
+            if let Ok(conn) = conn {
+                conn.keep();
             }
-            .await;
-            (conn, r)
-        })
-        .await
+            return None;
+        };
+        let result = match conn {
+            Ok(conn) => {
+                self.run_on(conn, timeout, |conn| async {
+                    let r = self.fetch_rows(conn.client(), &table, &pks).await;
+                    (conn, r)
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        self.count(&result);
+        Some((work, result))
     }
 
-    /// Many rows in one query: `keys_json` is a JSON array of `n` canonical
-    /// keys; the answer is aligned with it.
-    pub async fn fetch_many(
+    /// Rows by canonical primary key (JSON objects), aligned with `pks`, as
+    /// JSON text; `None` where no row has the key. One key is a prepared
+    /// single-row select; more are one query joining the table to the keys.
+    async fn fetch_rows(
         &self,
+        client: &Object,
         table: &TableSchema,
-        keys_json: &str,
-        n: usize,
+        pks: &[String],
     ) -> Result<Vec<Option<String>>, PgError> {
-        self.run(|conn| async move {
-            let r = async {
-                let client = conn.client();
-                let stmt = client
-                    .prepare_cached(&table.select_many)
-                    .await
-                    .map_err(|e| PgError::query(&table.key_name, e))?;
-                self.stats.queries.fetch_add(1, Ordering::Relaxed);
-                let rows = client
-                    .query(&stmt, &[&keys_json])
-                    .await
-                    .map_err(|e| PgError::query(&table.key_name, e))?;
-                let mut out = vec![None; n];
-                for row in rows {
-                    let ord: i64 = row.get(0);
-                    if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
-                        *slot = Some(row.get::<_, String>(1));
-                    }
-                }
-                Ok(out)
+        let query_err = |e| PgError::query(&table.key_name, e);
+        if let [pk] = pks {
+            let params = canonical_pk(table, pk.as_bytes())
+                .map_err(|e| PgError::Config(format!("bad queued key: {e}")))?
+                .params;
+            let stmt = client
+                .prepare_cached(&table.select_one)
+                .await
+                .map_err(query_err)?;
+            let args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            self.stats.queries.fetch_add(1, Ordering::Relaxed);
+            let row = client.query_opt(&stmt, &args).await.map_err(query_err)?;
+            return Ok(vec![row.map(|r| r.get::<_, String>(0))]);
+        }
+        let keys_json = json_array(pks);
+        let stmt = client
+            .prepare_cached(&table.select_many)
+            .await
+            .map_err(query_err)?;
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        let rows = client
+            .query(&stmt, &[&keys_json])
+            .await
+            .map_err(query_err)?;
+        let mut out = vec![None; pks.len()];
+        for row in rows {
+            let ord: i64 = row.get(0);
+            if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
+                *slot = Some(row.get::<_, String>(1));
             }
-            .await;
-            (conn, r)
-        })
-        .await
+        }
+        Ok(out)
     }
+}
+
+/// `[a,b,...]` from JSON texts.
+fn json_array(items: &[String]) -> String {
+    let mut out = String::with_capacity(2 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+    out.push('[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(item);
+    }
+    out.push(']');
+    out
 }
