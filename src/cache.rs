@@ -154,18 +154,53 @@ pub fn is_replica(ctx: &Context) -> bool {
 }
 
 /// Stores an entry (TTL 0: no expiry), replicated to replicas and the AOF.
+///
+/// Written through the key API and replicated as `SET key value PXAT <ms>`
+/// with `RM_Replicate`: a replicated `RM_Call("SET")` costs several times
+/// more (a fake client, argument objects, command lookup). Absolute expiry
+/// keeps replicas and the AOF exact.
 pub fn store(ctx: &Context, key: &str, value: &str, ttl: u64) -> Result<(), String> {
     if !crate::invalidation::entries_trusted() {
         crate::state::shared()
             .fresh
             .insert((selected_db(ctx), key.to_owned()));
     }
-    let opts = CallOptionsBuilder::new().replicate().build();
-    let ttl_text = ttl.to_string();
-    let with_ttl = [key, value, "EX", ttl_text.as_str()];
-    let args: &[&str] = if ttl > 0 { &with_ttl } else { &with_ttl[..2] };
-    let result: CallResult = ctx.call_ext("SET", &opts, args);
-    result.map(|_| ()).map_err(|e| e.to_string())
+    let name = redis_string(Some(ctx), key.as_bytes());
+    let value = redis_string(Some(ctx), value.as_bytes());
+    // SAFETY: the key handle is opened, used and closed here, under Redis's
+    // lock (the caller's context), on strings that outlive it.
+    let expire_at = unsafe {
+        let k =
+            raw::RedisModule_OpenKey.unwrap()(ctx.ctx, name.inner, raw::REDISMODULE_WRITE as i32)
+                .cast::<raw::RedisModuleKey>();
+        if k.is_null() {
+            return Err("cannot open the key for writing".into());
+        }
+        let mut status = raw::RedisModule_StringSet.unwrap()(k, value.inner);
+        let at = if ttl > 0 && status == raw::REDISMODULE_OK as i32 {
+            let at = raw::RedisModule_Milliseconds.unwrap()()
+                .saturating_add(i64::try_from(ttl.saturating_mul(1000)).unwrap_or(i64::MAX));
+            status = raw::RedisModule_SetAbsExpire.unwrap()(k, at);
+            Some(at)
+        } else {
+            None
+        };
+        raw::RedisModule_CloseKey.unwrap()(k);
+        if status != raw::REDISMODULE_OK as i32 {
+            return Err("cannot write the key".into());
+        }
+        at
+    };
+    ctx.notify_keyspace_event(redis_module::NotifyEvent::STRING, "set", &name);
+    match expire_at {
+        Some(at) => {
+            let at = redis_string(Some(ctx), at.to_string().as_bytes());
+            let pxat = redis_string(Some(ctx), b"PXAT");
+            ctx.replicate("SET", &[&name, &value, &pxat, &at]);
+        }
+        None => ctx.replicate("SET", &[&name, &value]),
+    }
+    Ok(())
 }
 
 /// Deletes an entry, replicated; returns how many keys were deleted.
