@@ -159,7 +159,9 @@ mod tests {
                     owed += 1;
                 } else {
                     let max = 1 + (next() % 8) as usize;
-                    taken += p.take(&0, max, |a: &u64, b: &u64| (a + b) % 3 != 0).len() as u64;
+                    taken += p
+                        .take(&0, max, |a: &u64, b: &u64| !(a + b).is_multiple_of(3))
+                        .len() as u64;
                     owed -= 1;
                 }
             }
