@@ -212,44 +212,6 @@ pub fn with_gil(f: impl FnOnce(&Context)) {
     let _ = catch_unwind(AssertUnwindSafe(|| f(&guard)));
 }
 
-/// Work to do under Redis's lock, handed to the completer thread.
-type Completion = Box<dyn FnOnce(&Context) + Send>;
-
-/// Most completions run in one hold of Redis's lock (each is microseconds).
-const COMPLETIONS_PER_LOCK: usize = 256;
-
-/// The completer thread's queue. Completions take Redis's lock on a thread of
-/// their own rather than in the event loop (`RM_EventLoopAddOneShot`): on
-/// Redis 7.0 what a thread-safe context replicates is only propagated when
-/// its lock is released, and the event loop asserts on it otherwise.
-static COMPLETER: LazyLock<std::sync::mpsc::Sender<Completion>> = LazyLock::new(|| {
-    let (tx, rx) = std::sync::mpsc::channel::<Completion>();
-    std::thread::Builder::new()
-        .name("pgcache-complete".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let tsc = ThreadSafeContext::new();
-                let guard = tsc.lock();
-                let _ = catch_unwind(AssertUnwindSafe(|| first(&guard)));
-                for next in rx.try_iter().take(COMPLETIONS_PER_LOCK - 1) {
-                    let _ = catch_unwind(AssertUnwindSafe(|| next(&guard)));
-                }
-            }
-        })
-        .expect("cannot start the completer thread");
-    tx
-});
-
-/// Runs `f` under Redis's lock on the completer thread: fills finishing
-/// together share one acquisition of the lock, and the runtime's workers
-/// never block waiting for it (they keep reading PostgreSQL's answers).
-fn complete_later(f: impl FnOnce(&Context) + Send + 'static) {
-    if let Err(std::sync::mpsc::SendError(f)) = COMPLETER.send(Box::new(f)) {
-        // The thread is gone (it never exits while Redis runs): run it here.
-        with_gil(f);
-    }
-}
-
 /// Runs `work` on the background runtime, catching a panic as an error.
 pub fn spawn_guarded<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, PgError>> + Send + 'static,
@@ -322,7 +284,9 @@ struct Taken(Vec<FetchGroup>);
 impl Taken {
     fn complete(mut self, outcome: Result<Vec<Option<String>>, String>, schema_changed: bool) {
         let groups = std::mem::take(&mut self.0);
-        complete_later(move |ctx| {
+        // On the worker that read the answer: handing the completion to
+        // another thread (tried) adds a wake-up to every miss's latency.
+        with_gil(|ctx| {
             if schema_changed {
                 if let Some(g) = groups.first() {
                     shared().forget_table(g.plan.table.oid);
