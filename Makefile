@@ -48,7 +48,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: invalidation latency, then the issue-5 suite (bench/suite.rs); results into BENCHMARKS.md
+## bench: invalidation latency, then the issue-5 suite (bench/suite.rs); results into BENCHMARKS.md, chart bench/results.png
 # The suite reads the invalidation bench's output from target/bench-invalidation.txt.
 bench: deps
 	$(CARGO) build --release

@@ -6,10 +6,14 @@
 //! `pgbench` where they fit and a small tokio load generator for the rest.
 //! Prints one table at the end and, when `BENCHMARKS.md` has the markers
 //! `<!-- suite:begin -->` / `<!-- suite:end -->`, replaces what is between them.
+//! Draws the measured figures into `bench/results.png` (bench/chart.rs),
+//! which that section shows.
 
+mod chart;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use chart::{Bar, BarPanel, Chart, RateFigure};
 use common::*;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +24,8 @@ const ROWS: i32 = 1_000_000;
 const ROUNDS: usize = 3;
 /// redis-benchmark on 2 cores is noisy: more rounds for the hit figures.
 const HIT_ROUNDS: usize = 5;
+/// The chart, relative to the repository root (BENCHMARKS.md links it so).
+const CHART_PATH: &str = "bench/results.png";
 
 // ---------------------------------------------------------------------------
 // small helpers
@@ -153,6 +159,8 @@ struct Row {
 struct Report {
     rows: Vec<Row>,
     notes: Vec<String>,
+    /// The same figures as numbers, for the PNG.
+    chart: Chart,
 }
 
 impl Report {
@@ -254,16 +262,23 @@ fn hit_throughput(r: &RedisServer, rep: &mut Report) {
             } else {
                 ""
             };
+            let (rd, get) = (median(rd), median(get));
             rep.add(
                 &format!("hit throughput / GET, events {events}{sub}, {mode}"),
-                format!(
-                    "{ratio:.2} (READ {:.0}/s, GET {:.0}/s; {per_round})",
-                    median(rd),
-                    median(get)
-                ),
+                format!("{ratio:.2} (READ {rd:.0}/s, GET {get:.0}/s; {per_round})"),
                 &format!(">= {target}"),
                 Some(ratio >= target),
             );
+            rep.chart.rates.push(RateFigure {
+                label: format!("hit, events {events}, {mode}"),
+                baseline: "GET".into(),
+                baseline_rate: get,
+                pgcache_rate: rd,
+                ratio,
+                target: format!(">= {target}"),
+                target_ratio: target,
+                met: ratio >= target,
+            });
         }
     }
     let _: () = redis::cmd("CONFIG")
@@ -336,16 +351,23 @@ fn cold_miss_throughput(pg: &PgServer, r: &RedisServer, rep: &mut Report) {
     let _ = std::fs::remove_file(&script);
     let per_round = rounds(&ratios);
     let ratio = median(ratios);
+    let (ours, theirs) = (median(ours), median(theirs));
     rep.add(
         "cold-miss throughput / pgbench -M prepared, 50 clients, random ids of 1M rows",
-        format!(
-            "{ratio:.2} (pgcache {:.0}/s, pgbench {:.0} tps; {per_round})",
-            median(ours),
-            median(theirs)
-        ),
+        format!("{ratio:.2} (pgcache {ours:.0}/s, pgbench {theirs:.0} tps; {per_round})"),
         ">= 0.8",
         Some(ratio >= 0.8),
     );
+    rep.chart.rates.push(RateFigure {
+        label: "cold miss, 50 clients".into(),
+        baseline: "pgbench -M prepared".into(),
+        baseline_rate: theirs,
+        pgcache_rate: ours,
+        ratio,
+        target: ">= 0.8".into(),
+        target_ratio: 0.8,
+        met: ratio >= 0.8,
+    });
     rep.note(format!(
         "cold misses: {n} PGCACHE.READs per round; share answered from cache (a random id repeated within the round): {:.1}%; module pool pg_pool_size = {}",
         100.0 * median(hit_share),
@@ -393,16 +415,35 @@ fn multiread_vs_pipeline(r: &RedisServer, rep: &mut Report) {
     }
     let (m, p) = (median(multi), median(piped));
     let q = multi_q.iter().cloned().fold(0.0, f64::max);
+    let piped_q = median(piped_q);
     let speedup = p / m;
     rep.add(
         "MULTIREAD of 100 cold keys vs 100 pipelined READs",
         format!(
-            "{speedup:.1}x faster ({m:.2} ms vs {p:.2} ms); {q:.0} query per MULTIREAD (max of {rounds}), {:.0} for the 100 READs",
-            median(piped_q)
+            "{speedup:.1}x faster ({m:.2} ms vs {p:.2} ms); {q:.0} query per MULTIREAD (max of {rounds}), {piped_q:.0} for the 100 READs"
         ),
         ">= 5x, 1 query",
         Some(speedup >= 5.0 && q == 1.0),
     );
+    rep.chart.panels.push(BarPanel {
+        title: "100 cold keys, median time".into(),
+        axis: "ms".into(),
+        bars: vec![
+            Bar {
+                name: "100 pipelined READs".into(),
+                value: p,
+                label: format!("{p:.2} ms, {piped_q:.0} queries"),
+                pgcache: false,
+            },
+            Bar {
+                name: "one MULTIREAD".into(),
+                value: m,
+                label: format!("{m:.2} ms, {q:.0} query (max)"),
+                pgcache: true,
+            },
+        ],
+        limit: Some(("target: MULTIREAD 5x faster".into(), p / 5.0)),
+    });
 }
 
 /// 1000 connections read one cold key at once: PostgreSQL sees one query.
@@ -465,6 +506,27 @@ fn thousand_readers(
         "1 query",
         Some(worst_pg == 1 && worst_mod == 1),
     );
+    let readers = conns.len();
+    let queries = |n: i64| format!("{n} {}", if n == 1 { "query" } else { "queries" });
+    rep.chart.panels.push(BarPanel {
+        title: format!("{readers} concurrent reads of one cold key"),
+        axis: "count (worst of 3 keys)".into(),
+        bars: vec![
+            Bar {
+                name: "reads sent".into(),
+                value: readers as f64,
+                label: format!("{readers} reads"),
+                pgcache: false,
+            },
+            Bar {
+                name: "PostgreSQL queries".into(),
+                value: worst_pg as f64,
+                label: format!("{} (module: {worst_mod})", queries(worst_pg)),
+                pgcache: true,
+            },
+        ],
+        limit: Some(("target: 1 query".into(), 1.0)),
+    });
 }
 
 /// PING round trips (ms) on a sync connection for `d`.
@@ -545,6 +607,27 @@ fn ping_under_slow_pg(
         "<= 2x",
         Some(ratio <= 2.0),
     );
+    rep.chart.panels.push(BarPanel {
+        title: "PING p99, median of rounds".into(),
+        axis: "ms".into(),
+        bars: vec![
+            Bar {
+                name: "idle".into(),
+                value: idle,
+                label: format!("{idle:.3} ms"),
+                pgcache: false,
+            },
+            Bar {
+                name: "64 misses, PG + 20 ms".into(),
+                value: busy99,
+                label: format!("{busy99:.3} ms ({ratio:.2}x)"),
+                pgcache: true,
+            },
+        ],
+        // The target is on the per-round ratio; 2x the median idle p99
+        // shows it on this axis.
+        limit: Some(("target: <= 2x idle".into(), 2.0 * idle)),
+    });
     rep.note(format!(
         "slow-PostgreSQL runs ({ROUNDS} x 3 s, each after 2 s of idle PINGs): {done_total} reads done, {errors_total} errors, {pings} PINGs timed under load"
     ));
@@ -719,6 +802,7 @@ fn app_run(
 /// cache-aside code, each with the same client library.
 fn application(
     label: &str,
+    chart_label: &str,
     r: &RedisServer,
     pg_port: u16,
     rt: &tokio::runtime::Runtime,
@@ -741,23 +825,62 @@ fn application(
     }
     let per_round = rounds(&ratios);
     let ratio = median(ratios);
+    let (ours, theirs) = (median(ours), median(theirs));
     rep.add(
         &format!("application workload (90% hits, Zipf), PGCACHE.READ / cache-aside{label}"),
         format!(
-            "{ratio:.2} ({:.0} vs {:.0} ops/s; hit rate {:.1}% vs {:.1}%; {per_round})",
-            median(ours),
-            median(theirs),
+            "{ratio:.2} ({ours:.0} vs {theirs:.0} ops/s; hit rate {:.1}% vs {:.1}%; {per_round})",
             100.0 * median(hr_ours),
             100.0 * median(hr_theirs)
         ),
         "> 1",
         Some(ratio > 1.0),
     );
+    rep.chart.rates.push(RateFigure {
+        label: format!("application workload{chart_label}"),
+        baseline: "cache-aside".into(),
+        baseline_rate: theirs,
+        pgcache_rate: ours,
+        ratio,
+        target: "> 1".into(),
+        target_ratio: 1.0,
+        met: ratio > 1.0,
+    });
+}
+
+/// p50 and p99 of the invalidation bench's line ("... p50 0.05 ms, p99
+/// 3.47 ms, max 7.18 ms") as a chart panel; left out if the line has neither.
+/// Not the max: one outlier on a busy machine would flatten the other bars.
+fn invalidation_panel(line: &str, rep: &mut Report) {
+    let ms_after = |key: &str| -> Option<f64> {
+        let at = line.find(&format!("{key} "))? + key.len() + 1;
+        line[at..].split_whitespace().next()?.parse().ok()
+    };
+    let bars: Vec<Bar> = ["p50", "p99"]
+        .into_iter()
+        .filter_map(|key| {
+            ms_after(key).map(|ms| Bar {
+                name: key.into(),
+                value: ms,
+                label: format!("{ms:.2} ms"),
+                pgcache: true,
+            })
+        })
+        .collect();
+    if !bars.is_empty() {
+        rep.chart.panels.push(BarPanel {
+            title: "invalidation, commit to entry gone".into(),
+            axis: "ms".into(),
+            bars,
+            limit: None,
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------
 
-fn machine() -> String {
+/// "2 CPUs (nproc), AMD EPYC ...; Debian GNU/Linux 12 (bookworm)".
+fn cpus_and_os() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -766,6 +889,19 @@ fn machine() -> String {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         })
         .unwrap_or_else(|| "unknown".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let os = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("PRETTY_NAME=")
+                .map(|s| s.trim_matches('"').to_string())
+        })
+        .unwrap_or_default();
+    format!("{nproc} CPUs (nproc), {cpu}; {os}")
+}
+
+fn machine() -> String {
     let first_line = |c: &mut Command| {
         c.output()
             .ok()
@@ -778,17 +914,9 @@ fn machine() -> String {
             })
             .unwrap_or_default()
     };
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let os = std::fs::read_to_string("/etc/os-release")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("PRETTY_NAME=")
-                .map(|s| s.trim_matches('"').to_string())
-        })
-        .unwrap_or_default();
     format!(
-        "- {nproc} CPUs (nproc), {cpu}; {os}\n- {}\n- {}\n- {}\n- {}\n",
+        "- {}\n- {}\n- {}\n- {}\n- {}\n",
+        cpus_and_os(),
         first_line(Command::new(redis_server_bin()).arg("--version")),
         first_line(Command::new(pg_bindir().join("postgres")).arg("--version")),
         first_line(Command::new(pg_bindir().join("pgbench")).arg("--version")),
@@ -841,10 +969,11 @@ fn main() {
     println!("== PING under a slow PostgreSQL");
     ping_under_slow_pg(&slow, &proxy, &rt, &mut rep);
     println!("== application workload");
-    application("", &r, pg.port(), &rt, &mut rep);
+    application("", "", &r, pg.port(), &rt, &mut rep);
     proxy.set_delay_ms(1);
     application(
         ", PostgreSQL + 1 ms per round trip",
+        ", PG + 1 ms",
         &slow,
         proxy.port(),
         &rt,
@@ -861,6 +990,9 @@ fn main() {
         t.lines()
             .find_map(|l| l.split_once("updates): ").map(|(_, v)| v.to_string()))
     });
+    if let Some(line) = &inval {
+        invalidation_panel(line, &mut rep);
+    }
     rep.add(
         "invalidation latency, commit to entry gone",
         inval.unwrap_or_else(|| "run `cargo bench --bench invalidation` (not found)".into()),
@@ -870,10 +1002,32 @@ fn main() {
 
     let took = started.elapsed().as_secs_f64();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let subtitle = format!(
+        "{}; load average at the end {load}; suite run time {took:.0} s",
+        cpus_and_os()
+    );
+    let chart = match chart::render(
+        &rep.chart,
+        &subtitle,
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(CHART_PATH),
+    ) {
+        Ok(()) => {
+            println!("(chart written to {CHART_PATH})");
+            format!("![throughput and latency per figure]({CHART_PATH})\n\n")
+        }
+        Err(e) => {
+            println!("(chart skipped: {e})");
+            format!("Chart skipped in this run: {e}.\n\n")
+        }
+    };
     let md = format!(
-        "Machine:\n\n{}- load average at the end (1/5/15 min): {}\n\n{}\nSuite run time: {took:.0} s. Ratios are medians of the per-round ratios; throughputs are medians of their own.\n",
+        "Machine:\n\n{}- load average at the end (1/5/15 min): {load}\n\n{chart}{}\nSuite run time: {took:.0} s. Ratios are medians of the per-round ratios; throughputs are medians of their own.\n",
         machine(),
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         rep.markdown()
     );
     println!("\n{md}");

@@ -2,7 +2,8 @@
 # Install what building, testing and running pgcache needs on Debian/Ubuntu:
 # redis-server (+ redis-cli), the PostgreSQL server binaries and contrib
 # (pg_stat_statements), libclang-dev + clang (bindgen, used by redis-module),
-# pkg-config, and a C toolchain. Rust itself is not installed here: install it
+# pkg-config, a C toolchain, and fonts-dejavu-core (the text of the chart that
+# `make bench` draws). Rust itself is not installed here: install it
 # with https://rustup.rs.
 #
 # Idempotent: when everything is present it only checks and exits (fast).
@@ -64,6 +65,11 @@ have_libclang() {
     [[ -n "${LIBCLANG_PATH:-}" && -d "$LIBCLANG_PATH" ]]
 }
 
+# The font bench/chart.rs loads first.
+have_chart_font() {
+    [[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]]
+}
+
 missing=()
 have redis-server && have redis-cli || missing+=(redis-server redis-tools)
 have_pg_server || missing+=(postgresql)
@@ -72,6 +78,7 @@ have_libclang || missing+=(libclang-dev)
 have clang || missing+=(clang)
 have pkg-config || missing+=(pkg-config)
 have cc || missing+=(gcc libc6-dev)
+have_chart_font || missing+=(fonts-dejavu-core)
 
 rc=0
 if ((${#missing[@]} == 0)); then
