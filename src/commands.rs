@@ -124,7 +124,7 @@ fn optional_ttl(arg: Option<&&[u8]>) -> Result<Option<u64>, RedisError> {
 
 /// The schema of a table argument, when it was looked up before.
 fn cached_table(arg: &[u8]) -> Option<Arc<TableSchema>> {
-    shared().table(arg)
+    shared().table_recent(arg)
 }
 
 /// What a command does once its table's schema is known.
