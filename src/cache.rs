@@ -1,12 +1,13 @@
 //! Cache entries and events in Redis: reading a key without copying it,
 //! writing and deleting with replication, publishing events, error replies.
 
-use pgcache_core::event::{event_json, EventType, Source};
+use pgcache_core::event::{push_event_json, EventType, Source};
 use pgcache_core::{Settings, TableSchema};
 use redis_module::{
     raw, AclPermissions, CallOptionsBuilder, CallResult, Context, ContextFlags, KeyType,
     RedisError, RedisResult, RedisString,
 };
+use std::cell::Cell;
 use std::os::raw::c_char;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -75,16 +76,54 @@ pub fn check_acl_named(
     key: &str,
     permissions: AclPermissions,
 ) -> Result<(), RedisError> {
-    let user = match user {
+    if acl_allows(ctx, user, name, permissions) {
+        Ok(())
+    } else {
+        Err(RedisError::String(format!(
+            "NOPERM this user has no permissions to access the '{key}' key derived by pgcache"
+        )))
+    }
+}
+
+/// The ACL check through the raw API (what the crate's
+/// `acl_check_key_permission` does, without its error strings). Redis 7.0
+/// offers no cheaper way to the client's ACL user: the name is copied out
+/// (`GetCurrentUserName`) and looked up again (`GetModuleUserFromUserName`)
+/// on every call. Keeping either across calls is not safe: ACL SETUSER,
+/// DELUSER, ACL LOAD and AUTH change them without telling modules.
+fn acl_allows(
+    ctx: &Context,
+    user: Option<&[u8]>,
+    name: &RedisString,
+    permissions: AclPermissions,
+) -> bool {
+    let user_name = match user {
         Some(user) => redis_string(Some(ctx), user),
-        None => ctx.get_current_user(),
+        None => {
+            // SAFETY: a command handler's context has a client; the result
+            // (NULL when it has none) is owned here and freed on drop.
+            let inner = unsafe { raw::RedisModule_GetCurrentUserName.unwrap()(ctx.ctx) };
+            if inner.is_null() {
+                return false;
+            }
+            RedisString::from_redis_module_string(std::ptr::null_mut(), inner)
+        }
     };
-    ctx.acl_check_key_permission(&user, name, &permissions)
-        .map_err(|_| {
-            RedisError::String(format!(
-                "NOPERM this user has no permissions to access the '{key}' key derived by pgcache"
-            ))
-        })
+    // SAFETY: the user wrapper is used and freed before this returns; the
+    // ACL user it points to cannot go away meanwhile (main thread / GIL).
+    unsafe {
+        let acl_user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name.inner);
+        if acl_user.is_null() {
+            return false;
+        }
+        let status = raw::RedisModule_ACLCheckKeyPermissions.unwrap()(
+            acl_user,
+            name.inner,
+            permissions.bits(),
+        );
+        raw::RedisModule_FreeModuleUser.unwrap()(acl_user);
+        status == raw::REDISMODULE_OK as std::os::raw::c_int
+    }
 }
 
 /// What a cache key holds.
@@ -259,6 +298,55 @@ pub fn publish_named(
     );
 }
 
+/// What publishing reuses from one event to the next.
+#[derive(Default)]
+struct EventScratch {
+    /// The payload being built.
+    payload: Vec<u8>,
+    /// `events_channel` as a Redis string, made once per channel name.
+    channel: Option<(String, RedisString)>,
+}
+
+// Buffers reused by the hit path on the thread that runs it (the main
+// thread, or a background thread holding Redis's lock) instead of an
+// allocation per call. Each is taken out of its slot for the call, so a
+// re-entered call (or one during thread exit) gets a fresh one, and a panic
+// only loses it.
+thread_local! {
+    static KEY_BUFFER: Cell<String> = const { Cell::new(String::new()) };
+    static EVENT_SCRATCH: Cell<EventScratch> = const {
+        Cell::new(EventScratch {
+            payload: Vec::new(),
+            channel: None,
+        })
+    };
+}
+
+/// A buffer bigger than this is not kept for the next call.
+const SCRATCH_KEEP: usize = 4096;
+
+fn with_taken<T: Default, R>(
+    slot: &'static std::thread::LocalKey<Cell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut value = slot.try_with(Cell::take).unwrap_or_default();
+    let r = f(&mut value);
+    let _ = slot.try_with(|cell| cell.set(value));
+    r
+}
+
+/// Runs `f` with an empty reused buffer for a cache key.
+pub fn with_key_buffer<R>(f: impl FnOnce(&mut String) -> R) -> R {
+    with_taken(&KEY_BUFFER, |key| {
+        key.clear();
+        let r = f(key);
+        if key.capacity() > SCRATCH_KEEP {
+            *key = String::new();
+        }
+        r
+    })
+}
+
 fn publish_json(
     ctx: &Context,
     settings: &Settings,
@@ -277,10 +365,26 @@ fn publish_json(
     if !on {
         return;
     }
-    let msg = event_json(ty, table_json, key_json, now(), source);
-    let channel = redis_string(None, settings.events_channel.as_bytes());
-    let message = redis_string(None, msg.as_bytes());
-    unsafe {
-        raw::RedisModule_PublishMessage.unwrap()(ctx.ctx, channel.inner, message.inner);
-    }
+    let now = now();
+    with_taken(&EVENT_SCRATCH, |scratch| {
+        let payload = &mut scratch.payload;
+        payload.clear();
+        push_event_json(payload, ty, table_json, key_json, now, source);
+        let wanted = settings.events_channel.as_str();
+        let channel = match &scratch.channel {
+            Some((name, channel)) if name == wanted => channel,
+            _ => {
+                let channel = redis_string(None, wanted.as_bytes());
+                &scratch.channel.insert((wanted.to_owned(), channel)).1
+            }
+        };
+        let message = redis_string(None, payload);
+        // SAFETY: both strings are valid; Redis copies what it keeps.
+        unsafe {
+            raw::RedisModule_PublishMessage.unwrap()(ctx.ctx, channel.inner, message.inner);
+        }
+        if payload.capacity() > SCRATCH_KEEP {
+            *payload = Vec::new();
+        }
+    });
 }

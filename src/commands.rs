@@ -124,7 +124,7 @@ fn optional_ttl(arg: Option<&&[u8]>) -> Result<Option<u64>, RedisError> {
 
 /// The schema of a table argument, when it was looked up before.
 fn cached_table(arg: &[u8]) -> Option<Arc<TableSchema>> {
-    shared().table(arg)
+    shared().table_recent(arg)
 }
 
 /// What a command does once its table's schema is known.
@@ -200,6 +200,58 @@ fn read_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
     )
 }
 
+/// What the hit half of a READ found.
+enum Probe {
+    /// A hit, or an error: answered.
+    Answered(RedisResult),
+    /// Not cached: the key, and where its canonical pk starts.
+    Missing(Responder, String, usize),
+}
+
+/// The hit half of a READ: the key is built in a reused buffer, so a hit
+/// allocates nothing but the key's Redis string.
+fn probe(
+    ctx: &Context,
+    settings: &Settings,
+    table: &TableSchema,
+    pk: &[u8],
+    responder: Responder,
+) -> Probe {
+    if let Err(e) = check_allowed(settings, table) {
+        return Probe::Answered(responder.answer(Err(e)));
+    }
+    cache::with_key_buffer(|key| {
+        key.push_str(&settings.cache_prefix);
+        key.push_str(&table.key_name);
+        key.push(':');
+        let pk_at = key.len();
+        if let Err(e) = push_canonical_pk(key, table, pk) {
+            return Probe::Answered(responder.answer(Err(err(e))));
+        }
+        let key: &str = key;
+        // One key handle for the ACL check and the lookup.
+        let name = cache::redis_string(Some(ctx), key.as_bytes());
+        if let Err(e) =
+            cache::check_acl_named(ctx, responder.user(), &name, key, AclPermissions::ACCESS)
+        {
+            return Probe::Answered(responder.answer(Err(e)));
+        }
+        cache::lookup(ctx, &name, key, |entry| match entry {
+            Lookup::Hit(bytes) => {
+                STATS.hits.fetch_add(1, Ordering::Relaxed);
+                cache::publish(ctx, settings, EventType::Hit, table, &key[pk_at..], None);
+                Probe::Answered(if bytes == NEGATIVE_MARKER {
+                    responder.answer(Ok(RedisValue::Null))
+                } else {
+                    responder.answer_bytes(ctx, bytes)
+                })
+            }
+            Lookup::WrongType => Probe::Answered(responder.answer(Err(wrongtype(key)))),
+            Lookup::Missing => Probe::Missing(responder, key.to_owned(), pk_at),
+        })
+    })
+}
+
 fn read_row(
     ctx: &Context,
     table: &Arc<TableSchema>,
@@ -208,42 +260,11 @@ fn read_row(
     responder: Responder,
 ) -> RedisResult {
     let settings = SETTINGS.load();
-    // The key is built in one buffer: prefix, table, canonical pk.
-    let mut key =
-        String::with_capacity(settings.cache_prefix.len() + table.key_name.len() + pk.len() + 1);
-    key.push_str(&settings.cache_prefix);
-    key.push_str(&table.key_name);
-    key.push(':');
-    let pk_at = key.len();
-    let prepared = check_allowed(&settings, table)
-        .and_then(|_| push_canonical_pk(&mut key, table, pk).map_err(err));
-    if let Err(e) = prepared {
-        return responder.answer(Err(e));
-    }
-    let pk_json = &key[pk_at..];
-    // One key handle for the ACL check and the lookup.
-    let name = cache::redis_string(Some(ctx), key.as_bytes());
-    if let Err(e) =
-        cache::check_acl_named(ctx, responder.user(), &name, &key, AclPermissions::ACCESS)
-    {
-        return responder.answer(Err(e));
-    }
-    let responder = match cache::lookup(ctx, &name, &key, |entry| match entry {
-        Lookup::Hit(bytes) => {
-            STATS.hits.fetch_add(1, Ordering::Relaxed);
-            cache::publish(ctx, &settings, EventType::Hit, table, pk_json, None);
-            Err(if bytes == NEGATIVE_MARKER {
-                responder.answer(Ok(RedisValue::Null))
-            } else {
-                responder.answer_bytes(ctx, bytes)
-            })
-        }
-        Lookup::WrongType => Err(responder.answer(Err(wrongtype(&key)))),
-        Lookup::Missing => Ok(responder),
-    }) {
-        Ok(responder) => responder,
-        Err(answered) => return answered,
+    let (responder, key, pk_at) = match probe(ctx, &settings, table, pk, responder) {
+        Probe::Answered(result) => return result,
+        Probe::Missing(responder, key, pk_at) => (responder, key, pk_at),
     };
+    let pk_json = &key[pk_at..];
     STATS.misses.fetch_add(1, Ordering::Relaxed);
     cache::publish(ctx, &settings, EventType::Miss, table, pk_json, None);
     let db = cache::selected_db(ctx);

@@ -31,10 +31,30 @@ const MAX_CATALOG_ENTRIES: usize = 10_000;
 pub struct Shared {
     /// Table argument as the client spelled it → its schema.
     catalog: HashMap<Vec<u8>, Arc<TableSchema>>,
+    /// A direct-mapped cache in front of `catalog` for the hit path: a slot
+    /// is found with a cheap hash of the spelling and checked by comparing
+    /// it, which saves the map's SipHash. A collision costs only a map
+    /// lookup, as without the cache; every change to `catalog` clears it.
+    recent: [Option<RecentTable>; RECENT_SLOTS],
     pub fills: FillRegistry<FillKey, Waiter>,
     /// Entries stored since the running gap flush began: they are fresh, so
     /// the flush keeps them and reads may serve them.
     pub fresh: HashSet<FillKey>,
+}
+
+/// A spelling of a table argument and its schema.
+type RecentTable = (Box<[u8]>, Arc<TableSchema>);
+
+/// Slots of `Shared::recent` (a power of two).
+const RECENT_SLOTS: usize = 64;
+
+/// FNV-1a of a table spelling, reduced to a `recent` slot.
+fn recent_slot(arg: &[u8]) -> usize {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in arg {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (h ^ (h >> 16)) as usize & (RECENT_SLOTS - 1)
 }
 
 impl Shared {
@@ -42,16 +62,31 @@ impl Shared {
         self.catalog.get(arg).cloned()
     }
 
+    /// `table` for the hit path, through the `recent` cache.
+    pub fn table_recent(&mut self, arg: &[u8]) -> Option<Arc<TableSchema>> {
+        let slot = &mut self.recent[recent_slot(arg)];
+        if let Some((spelling, schema)) = slot {
+            if **spelling == *arg {
+                return Some(schema.clone());
+            }
+        }
+        let schema = self.catalog.get(arg)?.clone();
+        *slot = Some((arg.into(), schema.clone()));
+        Some(schema)
+    }
+
     pub fn remember_table(&mut self, arg: &[u8], schema: Arc<TableSchema>) {
         if self.catalog.len() >= MAX_CATALOG_ENTRIES {
             self.catalog.clear();
         }
         self.catalog.insert(arg.to_vec(), schema);
+        self.recent = std::array::from_fn(|_| None);
     }
 
     /// Drops every cached spelling of a table whose definition changed.
     pub fn forget_table(&mut self, oid: u32) {
         self.catalog.retain(|_, t| t.oid != oid);
+        self.recent = std::array::from_fn(|_| None);
     }
 
     pub fn catalog_len(&self) -> usize {
@@ -62,6 +97,7 @@ impl Shared {
 static SHARED: LazyLock<Mutex<Shared>> = LazyLock::new(|| {
     Mutex::new(Shared {
         catalog: HashMap::new(),
+        recent: std::array::from_fn(|_| None),
         fills: FillRegistry::new(),
         fresh: HashSet::new(),
     })

@@ -7,23 +7,26 @@
 //! agree on every input (see the tests and the fuzz target).
 
 use crate::key::{self, KeyError};
-use crate::schema::{PkKind, TableSchema};
+use crate::schema::{PkColumn, PkKind, TableSchema};
 
 /// Most primary keys have one to three columns.
 const MAX_MEMBERS: usize = 8;
 
 #[derive(Clone, Copy)]
 enum Token<'a> {
-    /// The text between the quotes; contains no backslash or control character.
-    Str(&'a str),
-    /// A JSON integer: `-?(0|[1-9][0-9]*)`.
-    Int(&'a str),
+    /// The bytes between the quotes: no backslash or control character, not
+    /// yet checked to be UTF-8 (only the values that are used are).
+    Str(&'a [u8]),
+    /// A JSON integer, `-?(0|[1-9][0-9]*)`: already its canonical text.
+    Int(&'a [u8]),
     Bool(bool),
 }
 
+/// Scans bytes: the input is not checked to be UTF-8 as a whole. Outside
+/// string tokens only ASCII is accepted, so an input whose used string
+/// tokens are UTF-8 (names equal to column names, checked values) is UTF-8.
 struct Scanner<'a> {
     s: &'a [u8],
-    text: &'a str,
     i: usize,
 }
 
@@ -37,14 +40,14 @@ impl<'a> Scanner<'a> {
         self.ws();
         (self.s.get(self.i) == Some(&b)).then(|| self.i += 1)
     }
-    fn string(&mut self) -> Option<&'a str> {
+    fn string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
         while let Some(&c) = self.s.get(self.i) {
             match c {
                 b'"' => {
                     self.i += 1;
-                    return Some(&self.text[start..self.i - 1]);
+                    return Some(&self.s[start..self.i - 1]);
                 }
                 b'\\' | 0..=0x1f => return None,
                 _ => self.i += 1,
@@ -83,18 +86,20 @@ impl<'a> Scanner<'a> {
                 if matches!(self.s.get(self.i), Some(b'.' | b'e' | b'E')) {
                     return None;
                 }
-                Some(Token::Int(&self.text[start..self.i]))
+                Some(Token::Int(&self.s[start..self.i]))
             }
             _ => None,
         }
     }
 }
 
+/// A member's name (not yet checked to be UTF-8) and value.
+type Member<'a> = (&'a [u8], Token<'a>);
+
 /// Scans `{"name": value, ...}`; `None` when the input needs the full parser.
-fn scan(raw: &[u8]) -> Option<([(&str, Token<'_>); MAX_MEMBERS], usize)> {
-    let text = std::str::from_utf8(raw).ok()?;
-    let mut sc = Scanner { s: raw, text, i: 0 };
-    let mut members = [("", Token::Bool(false)); MAX_MEMBERS];
+fn scan(raw: &[u8]) -> Option<([Member<'_>; MAX_MEMBERS], usize)> {
+    let mut sc = Scanner { s: raw, i: 0 };
+    let mut members: [Member<'_>; MAX_MEMBERS] = [(b"", Token::Bool(false)); MAX_MEMBERS];
     let mut n = 0;
     sc.eat(b'{')?;
     sc.ws();
@@ -123,21 +128,128 @@ fn scan(raw: &[u8]) -> Option<([(&str, Token<'_>); MAX_MEMBERS], usize)> {
     (sc.i == sc.s.len()).then_some((members, n))
 }
 
-fn emit_int(out: &mut String, n: i64, kind: PkKind) -> Option<()> {
-    let ok = match kind {
+fn in_range(n: i64, kind: PkKind) -> bool {
+    match kind {
         PkKind::Int16 => i16::try_from(n).is_ok(),
         PkKind::Int32 => i32::try_from(n).is_ok(),
         _ => true,
-    };
-    if !ok {
-        return None;
     }
-    use std::fmt::Write;
-    write!(out, "{n}").ok()
+}
+
+/// The value of a JSON integer token (`-?[0-9]+`), if it fits an i64.
+fn parse_int(t: &[u8]) -> Option<i64> {
+    let (neg, digits) = match t {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, t),
+    };
+    // Accumulated negative, so that i64::MIN fits.
+    let mut n: i64 = 0;
+    for &d in digits {
+        n = n
+            .checked_mul(10)?
+            .checked_sub(i64::from(d.wrapping_sub(b'0')))?;
+    }
+    if neg {
+        Some(n)
+    } else {
+        n.checked_neg()
+    }
+}
+
+/// Appends ASCII bytes (digits, a sign) one char at a time: cheaper than
+/// checking them as UTF-8 for a handful of bytes.
+fn push_ascii(out: &mut String, bytes: &[u8]) {
+    out.extend(bytes.iter().map(|&b| char::from(b)));
+}
+
+/// Appends the decimal text of `n` (what `n.to_string()` gives, without
+/// the formatting machinery).
+pub fn push_i64(out: &mut String, n: i64) {
+    if n < 0 {
+        out.push('-');
+    }
+    push_u64(out, n.unsigned_abs());
+}
+
+/// Appends the decimal text of `n`.
+pub fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    push_ascii(out, &buf[i..]);
+}
+
+/// Appends `"name":value` for one column; `None` means "ask the full parser".
+fn push_member(out: &mut String, col: &PkColumn, tok: Token<'_>) -> Option<()> {
+    out.push('"');
+    out.push_str(&col.name);
+    out.push_str("\":");
+    match (col.kind, tok) {
+        (PkKind::Int16 | PkKind::Int32 | PkKind::Int64, Token::Int(t)) => {
+            // `t` has no sign but `-`, no leading zero and is not `-0`: it is
+            // the canonical text when it is in range.
+            if !in_range(parse_int(t)?, col.kind) {
+                return None;
+            }
+            push_ascii(out, t);
+        }
+        (PkKind::Int16 | PkKind::Int32 | PkKind::Int64, Token::Str(s)) => {
+            let n = key::parse_pg_int(std::str::from_utf8(s).ok()?)?;
+            if !in_range(n, col.kind) {
+                return None;
+            }
+            push_i64(out, n);
+        }
+        (PkKind::Text | PkKind::Other, Token::Str(s)) => {
+            out.push('"');
+            out.push_str(std::str::from_utf8(s).ok()?);
+            out.push('"');
+        }
+        (PkKind::Bpchar, Token::Str(s)) => {
+            out.push('"');
+            out.push_str(std::str::from_utf8(s).ok()?.trim_end_matches(' '));
+            out.push('"');
+        }
+        (PkKind::Uuid, Token::Str(s)) => {
+            out.push('"');
+            out.push_str(&key::parse_uuid(std::str::from_utf8(s).ok()?)?);
+            out.push('"');
+        }
+        (PkKind::Bool, Token::Bool(b)) => out.push_str(if b { "true" } else { "false" }),
+        _ => return None,
+    }
+    Some(())
 }
 
 /// The fast path proper; `None` means "ask the full parser".
 fn fast(out: &mut String, table: &TableSchema, raw: &[u8]) -> Option<()> {
+    if let [col] = table.pk.as_slice() {
+        // One column, the common case: `{"name": value}` without a member
+        // table. Whatever else is accepted below is refused here too.
+        let mut sc = Scanner { s: raw, i: 0 };
+        sc.eat(b'{')?;
+        if sc.string()? != col.name.as_bytes() {
+            return None;
+        }
+        sc.eat(b':')?;
+        let tok = sc.value()?;
+        sc.eat(b'}')?;
+        sc.ws();
+        if sc.i != raw.len() {
+            return None;
+        }
+        out.push('{');
+        push_member(out, col, tok)?;
+        out.push('}');
+        return Some(());
+    }
     let (members, n) = scan(raw)?;
     let members = &members[..n];
     if n != table.pk.len() {
@@ -145,7 +257,8 @@ fn fast(out: &mut String, table: &TableSchema, raw: &[u8]) -> Option<()> {
     }
     out.push('{');
     for (ci, col) in table.pk.iter().enumerate() {
-        let mut found = members.iter().filter(|(name, _)| *name == col.name);
+        let name = col.name.as_bytes();
+        let mut found = members.iter().filter(|(m, _)| *m == name);
         let (_, tok) = found.next()?;
         if found.next().is_some() {
             return None;
@@ -153,34 +266,7 @@ fn fast(out: &mut String, table: &TableSchema, raw: &[u8]) -> Option<()> {
         if ci > 0 {
             out.push(',');
         }
-        out.push('"');
-        out.push_str(&col.name);
-        out.push_str("\":");
-        match (col.kind, *tok) {
-            (PkKind::Int16 | PkKind::Int32 | PkKind::Int64, Token::Int(t)) => {
-                emit_int(out, t.parse().ok()?, col.kind)?
-            }
-            (PkKind::Int16 | PkKind::Int32 | PkKind::Int64, Token::Str(s)) => {
-                emit_int(out, key::parse_pg_int(s)?, col.kind)?
-            }
-            (PkKind::Text | PkKind::Other, Token::Str(s)) => {
-                out.push('"');
-                out.push_str(s);
-                out.push('"');
-            }
-            (PkKind::Bpchar, Token::Str(s)) => {
-                out.push('"');
-                out.push_str(s.trim_end_matches(' '));
-                out.push('"');
-            }
-            (PkKind::Uuid, Token::Str(s)) => {
-                out.push('"');
-                out.push_str(&key::parse_uuid(s)?);
-                out.push('"');
-            }
-            (PkKind::Bool, Token::Bool(b)) => out.push_str(if b { "true" } else { "false" }),
-            _ => return None,
-        }
+        push_member(out, col, *tok)?;
     }
     out.push('}');
     Some(())
@@ -219,9 +305,13 @@ mod tests {
 
     /// The fast path must agree with the full parser, answer for answer.
     fn agree(t: &TableSchema, raw: &str) {
-        let slow = key::canonical_pk(t, raw.as_bytes()).map(|c| c.json);
+        agree_bytes(t, raw.as_bytes())
+    }
+
+    fn agree_bytes(t: &TableSchema, raw: &[u8]) {
+        let slow = key::canonical_pk(t, raw).map(|c| c.json);
         let mut out = String::from("p:");
-        let fast = push_canonical_pk(&mut out, t, raw.as_bytes()).map(|_| out[2..].to_string());
+        let fast = push_canonical_pk(&mut out, t, raw).map(|_| out[2..].to_string());
         assert_eq!(fast, slow, "input {raw:?}");
         if fast.is_err() {
             assert_eq!(out, "p:");
@@ -279,6 +369,69 @@ mod tests {
         for t in [&int, &small, &comp, &misc] {
             for raw in inputs {
                 agree(t, raw);
+            }
+        }
+    }
+
+    #[test]
+    fn integers_render_like_to_string() {
+        for n in [
+            0,
+            1,
+            -1,
+            9,
+            10,
+            -10,
+            99,
+            100,
+            12345,
+            i64::MAX,
+            i64::MIN,
+            i64::MIN + 1,
+        ] {
+            let mut out = String::from("x");
+            push_i64(&mut out, n);
+            assert_eq!(out, format!("x{n}"));
+        }
+        let mut out = String::new();
+        push_u64(&mut out, u64::MAX);
+        assert_eq!(out, u64::MAX.to_string());
+        for t in [
+            "0",
+            "7",
+            "-7",
+            "9223372036854775807",
+            "-9223372036854775808",
+        ] {
+            assert_eq!(parse_int(t.as_bytes()), t.parse().ok(), "{t}");
+        }
+        for t in [
+            "9223372036854775808",
+            "-9223372036854775809",
+            "99999999999999999999",
+        ] {
+            assert_eq!(parse_int(t.as_bytes()), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_left_to_the_full_parser() {
+        let int = table(&[("id", PkKind::Int32)]);
+        let text = table(&[("code", PkKind::Text)]);
+        let comp = table(&[("id", PkKind::Int32), ("code", PkKind::Text)]);
+        let inputs: [&[u8]; 8] = [
+            b"{\"code\":\"a\xff\"}",
+            b"{\"code\":\"\xc3\"}",
+            b"{\"id\":\"1\xff\"}",
+            b"{\"i\xffd\":1}",
+            b"{\"id\":1,\"code\":\"\xe2\x9c\"}",
+            b"{\"id\":1,\"code\":\"\xe2\x9c\x93\"}",
+            b"{\"id\":1}\xff",
+            b"\xef\xbb\xbf{\"id\":1}",
+        ];
+        for t in [&int, &text, &comp] {
+            for raw in inputs {
+                agree_bytes(t, raw);
             }
         }
     }
