@@ -284,24 +284,20 @@ struct Taken(Vec<FetchGroup>);
 impl Taken {
     fn complete(mut self, outcome: Result<Vec<Option<String>>, String>, schema_changed: bool) {
         let groups = std::mem::take(&mut self.0);
-        // On the worker that read the answer: handing the completion to
-        // another thread (tried) adds a wake-up to every miss's latency.
-        with_gil(|ctx| {
-            if schema_changed {
-                if let Some(g) = groups.first() {
-                    shared().forget_table(g.plan.table.oid);
-                }
+        if schema_changed {
+            if let Some(g) = groups.first() {
+                let oid = g.plan.table.oid;
+                with_gil(|_| shared().forget_table(oid));
             }
-            complete_groups(ctx, groups, outcome);
-        });
+        }
+        complete_groups(groups, outcome);
     }
 }
 
 impl Drop for Taken {
     fn drop(&mut self) {
         if !self.0.is_empty() {
-            let groups = std::mem::take(&mut self.0);
-            with_gil(|ctx| complete_groups(ctx, groups, Err(INTERNAL.to_string())));
+            complete_groups(std::mem::take(&mut self.0), Err(INTERNAL.to_string()));
         }
     }
 }
@@ -320,7 +316,7 @@ pub fn enqueue(group: FetchGroup) {
             // queued group is left without a task (see pgcache_core::pending).
             let groups = take_queued(oid);
             if !groups.is_empty() {
-                with_gil(|ctx| complete_groups(ctx, groups, Err(INTERNAL.to_string())));
+                complete_groups(groups, Err(INTERNAL.to_string()));
             }
         }
     });
@@ -354,28 +350,36 @@ async fn fetch_queued(oid: u32) {
     taken.complete(result.map_err(|e| e.to_string()), schema_changed);
 }
 
+/// Most fills ended in one hold of Redis's lock: a batch of hundreds would
+/// hold it for a millisecond or more and delay every other client.
+const COMPLETIONS_PER_LOCK: usize = 16;
+
 /// Ends the fills of `groups` with the rows of their query (aligned with
-/// the groups' keys, in order) or its error. Each key is ended on its own:
-/// a panic in one leaves the others' fills correct.
-fn complete_groups(
-    ctx: &Context,
-    groups: Vec<FetchGroup>,
-    outcome: Result<Vec<Option<String>>, String>,
-) {
+/// the groups' keys, in order) or its error, on the worker that read the
+/// answer (handing them to another thread, tried, adds a wake-up to every
+/// miss's latency). Each key is ended on its own: a panic in one leaves the
+/// others' fills correct.
+fn complete_groups(groups: Vec<FetchGroup>, outcome: Result<Vec<Option<String>>, String>) {
     let mut rows = match outcome {
         Ok(rows) => Ok(rows.into_iter()),
         Err(e) => Err(e),
     };
-    for group in groups {
+    let mut ends: Vec<(&FillPlan, &str, FillId, Outcome)> = Vec::new();
+    for group in &groups {
         for (key, id) in &group.keys {
             let one: Outcome = match &mut rows {
                 Ok(rows) => Ok(rows.next().flatten()),
                 Err(e) => Err(e.clone()),
             };
-            let _ = catch_unwind(AssertUnwindSafe(|| {
-                complete(ctx, &group.plan, key, *id, &one)
-            }));
+            ends.push((&group.plan, key, *id, one));
         }
+    }
+    for chunk in ends.chunks(COMPLETIONS_PER_LOCK) {
+        with_gil(|ctx| {
+            for (plan, key, id, one) in chunk {
+                let _ = catch_unwind(AssertUnwindSafe(|| complete(ctx, plan, key, *id, one)));
+            }
+        });
     }
 }
 
