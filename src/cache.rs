@@ -9,6 +9,7 @@ use redis_module::{
 };
 use std::cell::Cell;
 use std::os::raw::c_char;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// An error reply: `ERR <message>`.
@@ -88,9 +89,13 @@ pub fn check_acl_named(
 /// The ACL check through the raw API (what the crate's
 /// `acl_check_key_permission` does, without its error strings). Redis 7.0
 /// offers no cheaper way to the client's ACL user: the name is copied out
-/// (`GetCurrentUserName`) and looked up again (`GetModuleUserFromUserName`)
-/// on every call. Keeping either across calls is not safe: ACL SETUSER,
-/// DELUSER, ACL LOAD and AUTH change them without telling modules.
+/// (`GetCurrentUserName`) and looked up (`GetModuleUserFromUserName`, which
+/// allocates a wrapper) on every call. Keeping a user across calls is not
+/// safe in general: ACL DELUSER and ACL LOAD free users, and AUTH changes a
+/// client's user, without telling modules. The `default` user is the
+/// exception: Redis never frees it (DELUSER refuses it, ACL LOAD copies the
+/// new rules into it), so its wrapper is looked up once; its rules are still
+/// read on every check, so ACL SETUSER default takes effect at once.
 fn acl_allows(
     ctx: &Context,
     user: Option<&[u8]>,
@@ -109,20 +114,65 @@ fn acl_allows(
             RedisString::from_redis_module_string(std::ptr::null_mut(), inner)
         }
     };
-    // SAFETY: the user wrapper is used and freed before this returns; the
-    // ACL user it points to cannot go away meanwhile (main thread / GIL).
+    let check = |acl_user: *mut raw::RedisModuleUser| {
+        // SAFETY: `acl_user` is a live wrapper of a live ACL user.
+        let status = unsafe {
+            raw::RedisModule_ACLCheckKeyPermissions.unwrap()(
+                acl_user,
+                name.inner,
+                permissions.bits(),
+            )
+        };
+        status == raw::REDISMODULE_OK as std::os::raw::c_int
+    };
+    if user_name.as_slice() == DEFAULT_USER_NAME {
+        return match default_user() {
+            Some(acl_user) => check(acl_user),
+            None => false,
+        };
+    }
+    // SAFETY: the wrapper is used and freed before this returns; the ACL
+    // user it points to cannot go away meanwhile (main thread / GIL).
     unsafe {
         let acl_user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name.inner);
         if acl_user.is_null() {
             return false;
         }
-        let status = raw::RedisModule_ACLCheckKeyPermissions.unwrap()(
-            acl_user,
-            name.inner,
-            permissions.bits(),
-        );
+        let allowed = check(acl_user);
         raw::RedisModule_FreeModuleUser.unwrap()(acl_user);
-        status == raw::REDISMODULE_OK as std::os::raw::c_int
+        allowed
+    }
+}
+
+const DEFAULT_USER_NAME: &[u8] = b"default";
+
+/// The wrapper of Redis's `default` ACL user, made once and never freed
+/// (see `acl_allows`).
+static DEFAULT_USER: AtomicPtr<raw::RedisModuleUser> = AtomicPtr::new(std::ptr::null_mut());
+
+fn default_user() -> Option<*mut raw::RedisModuleUser> {
+    let known = DEFAULT_USER.load(Ordering::Acquire);
+    if !known.is_null() {
+        return Some(known);
+    }
+    let name = redis_string(None, DEFAULT_USER_NAME);
+    // SAFETY: a valid name; the wrapper is kept for the process's life.
+    let made = unsafe { raw::RedisModule_GetModuleUserFromUserName.unwrap()(name.inner) };
+    if made.is_null() {
+        return None;
+    }
+    match DEFAULT_USER.compare_exchange(
+        std::ptr::null_mut(),
+        made,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => Some(made),
+        Err(first) => {
+            // SAFETY: ours lost the race and is not shared.
+            unsafe { raw::RedisModule_FreeModuleUser.unwrap()(made) };
+            Some(first)
+        }
     }
 }
 
