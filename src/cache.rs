@@ -65,7 +65,7 @@ pub fn check_acl(
         ctx,
         user,
         &redis_string(Some(ctx), key.as_bytes()),
-        key,
+        key.as_bytes(),
         permissions,
     )
 }
@@ -74,14 +74,15 @@ pub fn check_acl_named(
     ctx: &Context,
     user: Option<&[u8]>,
     name: &RedisString,
-    key: &str,
+    key: &[u8],
     permissions: AclPermissions,
 ) -> Result<(), RedisError> {
     if acl_allows(ctx, user, name, permissions) {
         Ok(())
     } else {
         Err(RedisError::String(format!(
-            "NOPERM this user has no permissions to access the '{key}' key derived by pgcache"
+            "NOPERM this user has no permissions to access the '{}' key derived by pgcache",
+            String::from_utf8_lossy(key)
         )))
     }
 }
@@ -191,10 +192,20 @@ pub fn with_entry<R>(ctx: &Context, key: &str, f: impl FnOnce(Lookup) -> R) -> R
 }
 
 pub fn lookup<R>(ctx: &Context, name: &RedisString, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
+    lookup_key(ctx, name, key.as_bytes(), f)
+}
+
+/// `lookup` of a key given as its (UTF-8) bytes.
+pub fn lookup_key<R>(
+    ctx: &Context,
+    name: &RedisString,
+    key: &[u8],
+    f: impl FnOnce(Lookup) -> R,
+) -> R {
     if !crate::invalidation::entries_trusted()
         && !crate::state::shared()
             .fresh
-            .contains(&(selected_db(ctx), key.to_owned()))
+            .contains(&(selected_db(ctx), String::from_utf8_lossy(key).into_owned()))
     {
         return f(Lookup::Missing);
     }
@@ -291,7 +302,25 @@ pub fn publish(
     key_json: &str,
     source: Option<(Source, Option<&str>)>,
 ) {
-    publish_json(ctx, settings, ty, &table.table_json, key_json, source);
+    publish_json(
+        ctx,
+        settings,
+        ty,
+        &table.table_json,
+        key_json.as_bytes(),
+        source,
+    );
+}
+
+/// `publish` of a canonical pk given as its (UTF-8) bytes.
+pub fn publish_key(
+    ctx: &Context,
+    settings: &Settings,
+    ty: EventType,
+    table: &TableSchema,
+    key_json: &[u8],
+) {
+    publish_json(ctx, settings, ty, &table.table_json, key_json, None);
 }
 
 /// `publish` for a table known only by its key name (a gap flush).
@@ -308,7 +337,7 @@ pub fn publish_named(
         settings,
         ty,
         &pgcache_core::event::table_json(table),
-        key_json,
+        key_json.as_bytes(),
         source,
     );
 }
@@ -328,7 +357,7 @@ struct EventScratch {
 // re-entered call (or one during thread exit) gets a fresh one, and a panic
 // only loses it.
 thread_local! {
-    static KEY_BUFFER: Cell<String> = const { Cell::new(String::new()) };
+    static KEY_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
     static EVENT_SCRATCH: Cell<EventScratch> = const {
         Cell::new(EventScratch {
             payload: Vec::new(),
@@ -351,12 +380,12 @@ fn with_taken<T: Default, R>(
 }
 
 /// Runs `f` with an empty reused buffer for a cache key.
-pub fn with_key_buffer<R>(f: impl FnOnce(&mut String) -> R) -> R {
+pub fn with_key_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     with_taken(&KEY_BUFFER, |key| {
         key.clear();
         let r = f(key);
         if key.capacity() > SCRATCH_KEEP {
-            *key = String::new();
+            *key = Vec::new();
         }
         r
     })
@@ -367,7 +396,7 @@ fn publish_json(
     settings: &Settings,
     ty: EventType,
     table_json: &str,
-    key_json: &str,
+    key_json: &[u8],
     source: Option<(Source, Option<&str>)>,
 ) {
     let mask = settings.events;
