@@ -9,6 +9,7 @@ use redis_module::{
 };
 use std::cell::Cell;
 use std::os::raw::c_char;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// An error reply: `ERR <message>`.
@@ -64,7 +65,7 @@ pub fn check_acl(
         ctx,
         user,
         &redis_string(Some(ctx), key.as_bytes()),
-        key,
+        key.as_bytes(),
         permissions,
     )
 }
@@ -73,14 +74,15 @@ pub fn check_acl_named(
     ctx: &Context,
     user: Option<&[u8]>,
     name: &RedisString,
-    key: &str,
+    key: &[u8],
     permissions: AclPermissions,
 ) -> Result<(), RedisError> {
     if acl_allows(ctx, user, name, permissions) {
         Ok(())
     } else {
         Err(RedisError::String(format!(
-            "NOPERM this user has no permissions to access the '{key}' key derived by pgcache"
+            "NOPERM this user has no permissions to access the '{}' key derived by pgcache",
+            String::from_utf8_lossy(key)
         )))
     }
 }
@@ -88,9 +90,13 @@ pub fn check_acl_named(
 /// The ACL check through the raw API (what the crate's
 /// `acl_check_key_permission` does, without its error strings). Redis 7.0
 /// offers no cheaper way to the client's ACL user: the name is copied out
-/// (`GetCurrentUserName`) and looked up again (`GetModuleUserFromUserName`)
-/// on every call. Keeping either across calls is not safe: ACL SETUSER,
-/// DELUSER, ACL LOAD and AUTH change them without telling modules.
+/// (`GetCurrentUserName`) and looked up (`GetModuleUserFromUserName`, which
+/// allocates a wrapper) on every call. Keeping a user across calls is not
+/// safe in general: ACL DELUSER and ACL LOAD free users, and AUTH changes a
+/// client's user, without telling modules. The `default` user is the
+/// exception: Redis never frees it (DELUSER refuses it, ACL LOAD copies the
+/// new rules into it), so its wrapper is looked up once; its rules are still
+/// read on every check, so ACL SETUSER default takes effect at once.
 fn acl_allows(
     ctx: &Context,
     user: Option<&[u8]>,
@@ -109,20 +115,65 @@ fn acl_allows(
             RedisString::from_redis_module_string(std::ptr::null_mut(), inner)
         }
     };
-    // SAFETY: the user wrapper is used and freed before this returns; the
-    // ACL user it points to cannot go away meanwhile (main thread / GIL).
+    let check = |acl_user: *mut raw::RedisModuleUser| {
+        // SAFETY: `acl_user` is a live wrapper of a live ACL user.
+        let status = unsafe {
+            raw::RedisModule_ACLCheckKeyPermissions.unwrap()(
+                acl_user,
+                name.inner,
+                permissions.bits(),
+            )
+        };
+        status == raw::REDISMODULE_OK as std::os::raw::c_int
+    };
+    if user_name.as_slice() == DEFAULT_USER_NAME {
+        return match default_user() {
+            Some(acl_user) => check(acl_user),
+            None => false,
+        };
+    }
+    // SAFETY: the wrapper is used and freed before this returns; the ACL
+    // user it points to cannot go away meanwhile (main thread / GIL).
     unsafe {
         let acl_user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name.inner);
         if acl_user.is_null() {
             return false;
         }
-        let status = raw::RedisModule_ACLCheckKeyPermissions.unwrap()(
-            acl_user,
-            name.inner,
-            permissions.bits(),
-        );
+        let allowed = check(acl_user);
         raw::RedisModule_FreeModuleUser.unwrap()(acl_user);
-        status == raw::REDISMODULE_OK as std::os::raw::c_int
+        allowed
+    }
+}
+
+const DEFAULT_USER_NAME: &[u8] = b"default";
+
+/// The wrapper of Redis's `default` ACL user, made once and never freed
+/// (see `acl_allows`).
+static DEFAULT_USER: AtomicPtr<raw::RedisModuleUser> = AtomicPtr::new(std::ptr::null_mut());
+
+fn default_user() -> Option<*mut raw::RedisModuleUser> {
+    let known = DEFAULT_USER.load(Ordering::Acquire);
+    if !known.is_null() {
+        return Some(known);
+    }
+    let name = redis_string(None, DEFAULT_USER_NAME);
+    // SAFETY: a valid name; the wrapper is kept for the process's life.
+    let made = unsafe { raw::RedisModule_GetModuleUserFromUserName.unwrap()(name.inner) };
+    if made.is_null() {
+        return None;
+    }
+    match DEFAULT_USER.compare_exchange(
+        std::ptr::null_mut(),
+        made,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => Some(made),
+        Err(first) => {
+            // SAFETY: ours lost the race and is not shared.
+            unsafe { raw::RedisModule_FreeModuleUser.unwrap()(made) };
+            Some(first)
+        }
     }
 }
 
@@ -141,10 +192,20 @@ pub fn with_entry<R>(ctx: &Context, key: &str, f: impl FnOnce(Lookup) -> R) -> R
 }
 
 pub fn lookup<R>(ctx: &Context, name: &RedisString, key: &str, f: impl FnOnce(Lookup) -> R) -> R {
+    lookup_key(ctx, name, key.as_bytes(), f)
+}
+
+/// `lookup` of a key given as its (UTF-8) bytes.
+pub fn lookup_key<R>(
+    ctx: &Context,
+    name: &RedisString,
+    key: &[u8],
+    f: impl FnOnce(Lookup) -> R,
+) -> R {
     if !crate::invalidation::entries_trusted()
         && !crate::state::shared()
             .fresh
-            .contains(&(selected_db(ctx), key.to_owned()))
+            .contains(&(selected_db(ctx), String::from_utf8_lossy(key).into_owned()))
     {
         return f(Lookup::Missing);
     }
@@ -276,7 +337,25 @@ pub fn publish(
     key_json: &str,
     source: Option<(Source, Option<&str>)>,
 ) {
-    publish_json(ctx, settings, ty, &table.table_json, key_json, source);
+    publish_json(
+        ctx,
+        settings,
+        ty,
+        &table.table_json,
+        key_json.as_bytes(),
+        source,
+    );
+}
+
+/// `publish` of a canonical pk given as its (UTF-8) bytes.
+pub fn publish_key(
+    ctx: &Context,
+    settings: &Settings,
+    ty: EventType,
+    table: &TableSchema,
+    key_json: &[u8],
+) {
+    publish_json(ctx, settings, ty, &table.table_json, key_json, None);
 }
 
 /// `publish` for a table known only by its key name (a gap flush).
@@ -293,7 +372,7 @@ pub fn publish_named(
         settings,
         ty,
         &pgcache_core::event::table_json(table),
-        key_json,
+        key_json.as_bytes(),
         source,
     );
 }
@@ -313,7 +392,7 @@ struct EventScratch {
 // re-entered call (or one during thread exit) gets a fresh one, and a panic
 // only loses it.
 thread_local! {
-    static KEY_BUFFER: Cell<String> = const { Cell::new(String::new()) };
+    static KEY_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
     static EVENT_SCRATCH: Cell<EventScratch> = const {
         Cell::new(EventScratch {
             payload: Vec::new(),
@@ -336,12 +415,12 @@ fn with_taken<T: Default, R>(
 }
 
 /// Runs `f` with an empty reused buffer for a cache key.
-pub fn with_key_buffer<R>(f: impl FnOnce(&mut String) -> R) -> R {
+pub fn with_key_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
     with_taken(&KEY_BUFFER, |key| {
         key.clear();
         let r = f(key);
         if key.capacity() > SCRATCH_KEEP {
-            *key = String::new();
+            *key = Vec::new();
         }
         r
     })
@@ -352,7 +431,7 @@ fn publish_json(
     settings: &Settings,
     ty: EventType,
     table_json: &str,
-    key_json: &str,
+    key_json: &[u8],
     source: Option<(Source, Option<&str>)>,
 ) {
     let mask = settings.events;

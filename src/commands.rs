@@ -13,7 +13,7 @@ use pgcache_core::args::check_table_arg;
 use pgcache_core::event::{EventType, Source};
 use pgcache_core::key::canonical_pk_value;
 use pgcache_core::{
-    cache_key, canonical_pk, parse_ttl, push_canonical_pk, CanonicalPk, Join, Settings,
+    cache_key, canonical_pk, parse_ttl, push_canonical_pk_bytes, CanonicalPk, Join, Settings,
     TableSchema, NEGATIVE_MARKER,
 };
 use redis_module::{raw, AclPermissions, Context, RedisError, RedisResult, RedisValue};
@@ -221,33 +221,38 @@ fn probe(
         return Probe::Answered(responder.answer(Err(e)));
     }
     cache::with_key_buffer(|key| {
-        key.push_str(&settings.cache_prefix);
-        key.push_str(&table.key_name);
-        key.push(':');
+        key.extend_from_slice(settings.cache_prefix.as_bytes());
+        key.extend_from_slice(table.key_name.as_bytes());
+        key.push(b':');
         let pk_at = key.len();
-        if let Err(e) = push_canonical_pk(key, table, pk) {
+        if let Err(e) = push_canonical_pk_bytes(key, table, pk) {
             return Probe::Answered(responder.answer(Err(err(e))));
         }
-        let key: &str = key;
+        // The key is UTF-8: settings, a table name and a canonical pk.
+        let key: &[u8] = key;
         // One key handle for the ACL check and the lookup.
-        let name = cache::redis_string(Some(ctx), key.as_bytes());
+        let name = cache::redis_string(Some(ctx), key);
         if let Err(e) =
             cache::check_acl_named(ctx, responder.user(), &name, key, AclPermissions::ACCESS)
         {
             return Probe::Answered(responder.answer(Err(e)));
         }
-        cache::lookup(ctx, &name, key, |entry| match entry {
+        cache::lookup_key(ctx, &name, key, |entry| match entry {
             Lookup::Hit(bytes) => {
                 STATS.hits.fetch_add(1, Ordering::Relaxed);
-                cache::publish(ctx, settings, EventType::Hit, table, &key[pk_at..], None);
+                cache::publish_key(ctx, settings, EventType::Hit, table, &key[pk_at..]);
                 Probe::Answered(if bytes == NEGATIVE_MARKER {
                     responder.answer(Ok(RedisValue::Null))
                 } else {
                     responder.answer_bytes(ctx, bytes)
                 })
             }
-            Lookup::WrongType => Probe::Answered(responder.answer(Err(wrongtype(key)))),
-            Lookup::Missing => Probe::Missing(responder, key.to_owned(), pk_at),
+            Lookup::WrongType => {
+                Probe::Answered(responder.answer(Err(wrongtype(&String::from_utf8_lossy(key)))))
+            }
+            Lookup::Missing => {
+                Probe::Missing(responder, String::from_utf8_lossy(key).into_owned(), pk_at)
+            }
         })
     })
 }

@@ -172,3 +172,36 @@ fn derived_keys_obey_the_users_key_patterns() {
         1
     );
 }
+
+/// The default user's rules are read on every hit: restricting its keys
+/// refuses hits at once, and lifting the restriction allows them again.
+#[test]
+fn default_user_rule_changes_apply_to_hits_at_once() {
+    let pg = PgServer::start_new();
+    let r = RedisServer::with_pg(&pg, &[]);
+    let mut c = r.con();
+    let product = r#"{"category":"books","product_id":3}"#;
+    for _ in 0..2 {
+        assert_eq!(read_row(&mut c, "users", r#"{"id":3}"#)["id"], 3);
+        assert_eq!(read_row(&mut c, "products", product)["product_id"], 3);
+    }
+    setuser(&mut c, &["default", "resetkeys", "~pg_cache:users:*"]);
+    assert_eq!(
+        read_row(&mut c, "users", r#"{"id":3}"#)["id"],
+        3,
+        "a hit the new pattern allows"
+    );
+    noperm(
+        read(&mut c, "products", product),
+        &["NOPERM", "pg_cache:products:"],
+        "a hit the new pattern refuses",
+    );
+    // Another connection of the default user sees the same rules.
+    noperm(
+        read(&mut r.con(), "products", product),
+        &["NOPERM"],
+        "a hit on a new connection",
+    );
+    setuser(&mut c, &["default", "allkeys"]);
+    assert_eq!(read_row(&mut c, "products", product)["product_id"], 3);
+}

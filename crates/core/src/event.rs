@@ -48,17 +48,25 @@ pub fn event_json(
     source: Option<(Source, Option<&str>)>,
 ) -> String {
     let mut out = Vec::with_capacity(96 + table_json.len() + key_json.len());
-    push_event_json(&mut out, ty, table_json, key_json, timestamp, source);
+    push_event_json(
+        &mut out,
+        ty,
+        table_json,
+        key_json.as_bytes(),
+        timestamp,
+        source,
+    );
     // Only UTF-8 text and ASCII were appended.
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// `event_json` appended to `out` as bytes (the hit path reuses one buffer).
+/// `event_json` appended to `out` as bytes (the hit path reuses one buffer);
+/// `key_json` is UTF-8 text.
 pub fn push_event_json(
     out: &mut Vec<u8>,
     ty: EventType,
     table_json: &str,
-    key_json: &str,
+    key_json: &[u8],
     timestamp: f64,
     source: Option<(Source, Option<&str>)>,
 ) {
@@ -70,7 +78,7 @@ pub fn push_event_json(
     });
     out.extend_from_slice(table_json.as_bytes());
     out.extend_from_slice(b",\"key\":");
-    out.extend_from_slice(key_json.as_bytes());
+    out.extend_from_slice(key_json);
     push_timestamp(out, timestamp);
     if let Some((source, operation)) = source {
         out.extend_from_slice(b",\"source\":\"");
@@ -168,7 +176,7 @@ mod tests {
             &mut reused,
             EventType::Write,
             "\"t\"",
-            r#"{"id":2}"#,
+            br#"{"id":2}"#,
             5.5,
             Some((Source::Command, None)),
         );

@@ -156,23 +156,17 @@ fn parse_int(t: &[u8]) -> Option<i64> {
     }
 }
 
-/// Appends ASCII bytes (digits, a sign) one char at a time: cheaper than
-/// checking them as UTF-8 for a handful of bytes.
-fn push_ascii(out: &mut String, bytes: &[u8]) {
-    out.extend(bytes.iter().map(|&b| char::from(b)));
-}
-
 /// Appends the decimal text of `n` (what `n.to_string()` gives, without
 /// the formatting machinery).
-pub fn push_i64(out: &mut String, n: i64) {
+pub fn push_i64(out: &mut Vec<u8>, n: i64) {
     if n < 0 {
-        out.push('-');
+        out.push(b'-');
     }
     push_u64(out, n.unsigned_abs());
 }
 
 /// Appends the decimal text of `n`.
-pub fn push_u64(out: &mut String, mut n: u64) {
+pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {
@@ -183,14 +177,14 @@ pub fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    push_ascii(out, &buf[i..]);
+    out.extend_from_slice(&buf[i..]);
 }
 
 /// Appends `"name":value` for one column; `None` means "ask the full parser".
-fn push_member(out: &mut String, col: &PkColumn, tok: Token<'_>) -> Option<()> {
-    out.push('"');
-    out.push_str(&col.name);
-    out.push_str("\":");
+fn push_member(out: &mut Vec<u8>, col: &PkColumn, tok: Token<'_>) -> Option<()> {
+    out.push(b'"');
+    out.extend_from_slice(col.name.as_bytes());
+    out.extend_from_slice(b"\":");
     match (col.kind, tok) {
         (PkKind::Int16 | PkKind::Int32 | PkKind::Int64, Token::Int(t)) => {
             // `t` has no sign but `-`, no leading zero and is not `-0`: it is
@@ -198,7 +192,7 @@ fn push_member(out: &mut String, col: &PkColumn, tok: Token<'_>) -> Option<()> {
             if !in_range(parse_int(t)?, col.kind) {
                 return None;
             }
-            push_ascii(out, t);
+            out.extend_from_slice(t);
         }
         (PkKind::Int16 | PkKind::Int32 | PkKind::Int64, Token::Str(s)) => {
             let n = key::parse_pg_int(std::str::from_utf8(s).ok()?)?;
@@ -208,28 +202,38 @@ fn push_member(out: &mut String, col: &PkColumn, tok: Token<'_>) -> Option<()> {
             push_i64(out, n);
         }
         (PkKind::Text | PkKind::Other, Token::Str(s)) => {
-            out.push('"');
-            out.push_str(std::str::from_utf8(s).ok()?);
-            out.push('"');
+            std::str::from_utf8(s).ok()?;
+            out.push(b'"');
+            out.extend_from_slice(s);
+            out.push(b'"');
         }
         (PkKind::Bpchar, Token::Str(s)) => {
-            out.push('"');
-            out.push_str(std::str::from_utf8(s).ok()?.trim_end_matches(' '));
-            out.push('"');
+            out.push(b'"');
+            out.extend_from_slice(
+                std::str::from_utf8(s)
+                    .ok()?
+                    .trim_end_matches(' ')
+                    .as_bytes(),
+            );
+            out.push(b'"');
         }
         (PkKind::Uuid, Token::Str(s)) => {
-            out.push('"');
-            out.push_str(&key::parse_uuid(std::str::from_utf8(s).ok()?)?);
-            out.push('"');
+            out.push(b'"');
+            out.extend_from_slice(key::parse_uuid(std::str::from_utf8(s).ok()?)?.as_bytes());
+            out.push(b'"');
         }
-        (PkKind::Bool, Token::Bool(b)) => out.push_str(if b { "true" } else { "false" }),
+        (PkKind::Bool, Token::Bool(b)) => {
+            out.extend_from_slice(if b { b"true" } else { b"false" });
+        }
         _ => return None,
     }
     Some(())
 }
 
-/// The fast path proper; `None` means "ask the full parser".
-fn fast(out: &mut String, table: &TableSchema, raw: &[u8]) -> Option<()> {
+/// The fast path proper; `None` means "ask the full parser". What it
+/// appends is UTF-8: the structure is ASCII, names are column names and
+/// string values are checked.
+fn fast(out: &mut Vec<u8>, table: &TableSchema, raw: &[u8]) -> Option<()> {
     if let [col] = table.pk.as_slice() {
         // One column, the common case: `{"name": value}` without a member
         // table. Whatever else is accepted below is refused here too.
@@ -245,9 +249,26 @@ fn fast(out: &mut String, table: &TableSchema, raw: &[u8]) -> Option<()> {
         if sc.i != raw.len() {
             return None;
         }
-        out.push('{');
+        // Already canonical (`{"name":value}`, no whitespace, a value that
+        // renders as itself): copied as it is.
+        let verbatim = match (col.kind, tok) {
+            (PkKind::Int16 | PkKind::Int32 | PkKind::Int64, Token::Int(t)) => {
+                in_range(parse_int(t)?, col.kind).then_some(t.len())
+            }
+            (PkKind::Text | PkKind::Other, Token::Str(s)) => {
+                std::str::from_utf8(s).ok()?;
+                Some(s.len() + 2)
+            }
+            (PkKind::Bool, Token::Bool(b)) => Some(if b { 4 } else { 5 }),
+            _ => None,
+        };
+        if verbatim.is_some_and(|n| n + col.name.len() + 5 == raw.len()) {
+            out.extend_from_slice(raw);
+            return Some(());
+        }
+        out.push(b'{');
         push_member(out, col, tok)?;
-        out.push('}');
+        out.push(b'}');
         return Some(());
     }
     let (members, n) = scan(raw)?;
@@ -255,7 +276,7 @@ fn fast(out: &mut String, table: &TableSchema, raw: &[u8]) -> Option<()> {
     if n != table.pk.len() {
         return None;
     }
-    out.push('{');
+    out.push(b'{');
     for (ci, col) in table.pk.iter().enumerate() {
         let name = col.name.as_bytes();
         let mut found = members.iter().filter(|(m, _)| *m == name);
@@ -264,18 +285,18 @@ fn fast(out: &mut String, table: &TableSchema, raw: &[u8]) -> Option<()> {
             return None;
         }
         if ci > 0 {
-            out.push(',');
+            out.push(b',');
         }
         push_member(out, col, *tok)?;
     }
-    out.push('}');
+    out.push(b'}');
     Some(())
 }
 
 /// Appends the canonical pk of `raw` to `out` (which already holds the key's
-/// prefix). On error `out` is left as it was.
-pub fn push_canonical_pk(
-    out: &mut String,
+/// prefix) as UTF-8 bytes. On error `out` is left as it was.
+pub fn push_canonical_pk_bytes(
+    out: &mut Vec<u8>,
     table: &TableSchema,
     raw: &[u8],
 ) -> Result<(), KeyError> {
@@ -290,8 +311,24 @@ pub fn push_canonical_pk(
     }
     out.truncate(mark);
     let pk = key::canonical_pk(table, raw)?;
-    out.push_str(&pk.json);
+    out.extend_from_slice(pk.json.as_bytes());
     Ok(())
+}
+
+/// `push_canonical_pk_bytes` for a `String`.
+pub fn push_canonical_pk(
+    out: &mut String,
+    table: &TableSchema,
+    raw: &[u8],
+) -> Result<(), KeyError> {
+    let mut bytes = std::mem::take(out).into_bytes();
+    let result = push_canonical_pk_bytes(&mut bytes, table, raw);
+    // Always UTF-8 (see `fast`); were it not, the replacement characters
+    // would make the text disagree with the full parser (the tests and the
+    // fuzz target compare them).
+    *out = String::from_utf8(bytes)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    result
 }
 
 #[cfg(test)]
@@ -316,6 +353,10 @@ mod tests {
         if fast.is_err() {
             assert_eq!(out, "p:");
         }
+        let mut bytes = b"p:".to_vec();
+        let fast = push_canonical_pk_bytes(&mut bytes, t, raw)
+            .map(|_| String::from_utf8(bytes[2..].to_vec()).expect("UTF-8"));
+        assert_eq!(fast, slow, "input {raw:?} (bytes)");
     }
 
     #[test]
@@ -389,13 +430,13 @@ mod tests {
             i64::MIN,
             i64::MIN + 1,
         ] {
-            let mut out = String::from("x");
+            let mut out = b"x".to_vec();
             push_i64(&mut out, n);
-            assert_eq!(out, format!("x{n}"));
+            assert_eq!(out, format!("x{n}").into_bytes());
         }
-        let mut out = String::new();
+        let mut out = Vec::new();
         push_u64(&mut out, u64::MAX);
-        assert_eq!(out, u64::MAX.to_string());
+        assert_eq!(out, u64::MAX.to_string().into_bytes());
         for t in [
             "0",
             "7",

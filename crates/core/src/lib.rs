@@ -18,7 +18,7 @@ pub mod settings;
 pub mod sql;
 
 pub use args::{check_table_arg, parse_ttl, ArgError};
-pub use fastkey::push_canonical_pk;
+pub use fastkey::{push_canonical_pk, push_canonical_pk_bytes};
 pub use fills::{FillId, FillRegistry, Finished, Join};
 pub use key::{
     cache_key, canonical_pk, canonical_pk_value, CanonicalPk, KeyError, NEGATIVE_MARKER,
