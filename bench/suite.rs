@@ -958,28 +958,51 @@ fn main() {
     let mut rep = Report::default();
     println!("   ready after {:.1} s", started.elapsed().as_secs_f64());
 
-    println!("== hit throughput (redis-benchmark, 50 clients)");
-    hit_throughput(&r, &mut rep);
-    println!("== cold-miss throughput (redis-benchmark vs pgbench)");
-    cold_miss_throughput(&pg, &r, &mut rep);
-    println!("== MULTIREAD vs pipelined READs");
-    multiread_vs_pipeline(&r, &mut rep);
-    println!("== 1000 concurrent reads of one cold key");
-    thousand_readers(&pg, &r, &rt, &mut rep);
-    println!("== PING under a slow PostgreSQL");
-    ping_under_slow_pg(&slow, &proxy, &rt, &mut rep);
-    println!("== application workload");
-    application("", "", &r, pg.port(), &rt, &mut rep);
-    proxy.set_delay_ms(1);
-    application(
-        ", PostgreSQL + 1 ms per round trip",
-        ", PG + 1 ms",
-        &slow,
-        proxy.port(),
-        &rt,
-        &mut rep,
-    );
-    proxy.set_delay_ms(0);
+    // PGCACHE_BENCH_ONLY=ping,app (any of hit, cold, multiread, thousand,
+    // ping, app) runs only those figures, prints them and leaves
+    // BENCHMARKS.md and the chart alone: for working on one hot path.
+    let only: Option<Vec<String>> = std::env::var("PGCACHE_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|f| f.trim().to_string()).collect());
+    let runs = |figure: &str| only.as_ref().is_none_or(|o| o.iter().any(|f| f == figure));
+    if runs("hit") {
+        println!("== hit throughput (redis-benchmark, 50 clients)");
+        hit_throughput(&r, &mut rep);
+    }
+    if runs("cold") {
+        println!("== cold-miss throughput (redis-benchmark vs pgbench)");
+        cold_miss_throughput(&pg, &r, &mut rep);
+    }
+    if runs("multiread") {
+        println!("== MULTIREAD vs pipelined READs");
+        multiread_vs_pipeline(&r, &mut rep);
+    }
+    if runs("thousand") {
+        println!("== 1000 concurrent reads of one cold key");
+        thousand_readers(&pg, &r, &rt, &mut rep);
+    }
+    if runs("ping") {
+        println!("== PING under a slow PostgreSQL");
+        ping_under_slow_pg(&slow, &proxy, &rt, &mut rep);
+    }
+    if runs("app") {
+        println!("== application workload");
+        application("", "", &r, pg.port(), &rt, &mut rep);
+        proxy.set_delay_ms(1);
+        application(
+            ", PostgreSQL + 1 ms per round trip",
+            ", PG + 1 ms",
+            &slow,
+            proxy.port(),
+            &rt,
+            &mut rep,
+        );
+        proxy.set_delay_ms(0);
+    }
+    if only.is_some() {
+        println!("\n{}", rep.markdown());
+        return;
+    }
     // `make bench` runs the invalidation bench first and keeps its output.
     let inval = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

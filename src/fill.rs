@@ -374,7 +374,12 @@ fn complete_groups(groups: Vec<FetchGroup>, outcome: Result<Vec<Option<String>>,
             ends.push((&group.plan, key, *id, one));
         }
     }
-    for chunk in ends.chunks(COMPLETIONS_PER_LOCK) {
+    for (i, chunk) in ends.chunks(COMPLETIONS_PER_LOCK).enumerate() {
+        if i > 0 {
+            // Redis's lock is not fair: without a pause this thread takes it
+            // again before the main thread, woken by the release, runs.
+            std::thread::yield_now();
+        }
         with_gil(|ctx| {
             for (plan, key, id, one) in chunk {
                 let _ = catch_unwind(AssertUnwindSafe(|| complete(ctx, plan, key, *id, one)));
