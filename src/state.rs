@@ -131,7 +131,8 @@ pub struct Stats {
     pub writes: AtomicU64,
     pub invalidations: AtomicU64,
     pub fill_errors: AtomicU64,
-    /// Fill latency in microseconds, query start to answer.
+    /// Fill latency in microseconds, one sample per fill query: from its
+    /// task's start (waiting for a connection included) to the answer.
     pub fill_latency: pgcache_core::latency::Histogram,
 }
 
