@@ -77,71 +77,107 @@ pub fn check_acl_named(
     key: &[u8],
     permissions: AclPermissions,
 ) -> Result<(), RedisError> {
-    if acl_allows(ctx, user, name, permissions) {
-        Ok(())
-    } else {
-        Err(RedisError::String(format!(
-            "NOPERM this user has no permissions to access the '{}' key derived by pgcache",
-            String::from_utf8_lossy(key)
-        )))
+    match AclUser::resolve(ctx, user) {
+        Some(acl_user) if acl_user.allows(name, &permissions) => Ok(()),
+        _ => Err(no_permission(key)),
     }
 }
 
-/// The ACL check through the raw API (what the crate's
-/// `acl_check_key_permission` does, without its error strings). Redis 7.0
-/// offers no cheaper way to the client's ACL user: the name is copied out
-/// (`GetCurrentUserName`) and looked up (`GetModuleUserFromUserName`, which
-/// allocates a wrapper) on every call. Keeping a user across calls is not
-/// safe in general: ACL DELUSER and ACL LOAD free users, and AUTH changes a
-/// client's user, without telling modules. The `default` user is the
-/// exception: Redis never frees it (DELUSER refuses it, ACL LOAD copies the
-/// new rules into it), so its wrapper is looked up once; its rules are still
-/// read on every check, so ACL SETUSER default takes effect at once.
-fn acl_allows(
+/// `check_acl` for many keys, resolving the user once; the first refused
+/// key is the error.
+pub fn check_acl_all<'a>(
     ctx: &Context,
     user: Option<&[u8]>,
-    name: &RedisString,
+    keys: impl IntoIterator<Item = &'a str>,
     permissions: AclPermissions,
-) -> bool {
-    let user_name = match user {
-        Some(user) => redis_string(Some(ctx), user),
-        None => {
-            // SAFETY: a command handler's context has a client; the result
-            // (NULL when it has none) is owned here and freed on drop.
-            let inner = unsafe { raw::RedisModule_GetCurrentUserName.unwrap()(ctx.ctx) };
-            if inner.is_null() {
-                return false;
-            }
-            RedisString::from_redis_module_string(std::ptr::null_mut(), inner)
+) -> Result<(), RedisError> {
+    let acl_user = AclUser::resolve(ctx, user);
+    for key in keys {
+        let name = redis_string(Some(ctx), key.as_bytes());
+        if !acl_user
+            .as_ref()
+            .is_some_and(|u| u.allows(&name, &permissions))
+        {
+            return Err(no_permission(key.as_bytes()));
         }
-    };
-    let check = |acl_user: *mut raw::RedisModuleUser| {
-        // SAFETY: `acl_user` is a live wrapper of a live ACL user.
+    }
+    Ok(())
+}
+
+fn no_permission(key: &[u8]) -> RedisError {
+    RedisError::String(format!(
+        "NOPERM this user has no permissions to access the '{}' key derived by pgcache",
+        String::from_utf8_lossy(key)
+    ))
+}
+
+/// A client's ACL user, for checks through the raw API (what the crate's
+/// `acl_check_key_permission` does, without its error strings). Redis 7.0
+/// offers no cheaper way to it: the name is copied out (`GetCurrentUserName`)
+/// and looked up (`GetModuleUserFromUserName`, which allocates a wrapper) on
+/// every command. Keeping a user across commands is not safe in general:
+/// ACL DELUSER and ACL LOAD free users, and AUTH changes a client's user,
+/// without telling modules. The `default` user is the exception: Redis never
+/// frees it (DELUSER refuses it, ACL LOAD copies the new rules into it), so
+/// its wrapper is looked up once; its rules are still read on every check,
+/// so ACL SETUSER default takes effect at once.
+struct AclUser {
+    wrapper: *mut raw::RedisModuleUser,
+    /// Freed on drop (every user but `default`).
+    owned: bool,
+}
+
+impl AclUser {
+    /// The user named `user`, or the context's client's; `None` when there
+    /// is no such user (it is then refused everything).
+    fn resolve(ctx: &Context, user: Option<&[u8]>) -> Option<AclUser> {
+        let user_name = match user {
+            Some(user) => redis_string(Some(ctx), user),
+            None => {
+                // SAFETY: a command handler's context has a client; the
+                // result (NULL when it has none) is owned here, freed on drop.
+                let inner = unsafe { raw::RedisModule_GetCurrentUserName.unwrap()(ctx.ctx) };
+                if inner.is_null() {
+                    return None;
+                }
+                RedisString::from_redis_module_string(std::ptr::null_mut(), inner)
+            }
+        };
+        if user_name.as_slice() == DEFAULT_USER_NAME {
+            return default_user().map(|wrapper| AclUser {
+                wrapper,
+                owned: false,
+            });
+        }
+        // SAFETY: a valid name; the wrapper is freed on drop, before the
+        // user it points to can go away (main thread / GIL).
+        let wrapper =
+            unsafe { raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name.inner) };
+        (!wrapper.is_null()).then_some(AclUser {
+            wrapper,
+            owned: true,
+        })
+    }
+
+    fn allows(&self, name: &RedisString, permissions: &AclPermissions) -> bool {
+        // SAFETY: `wrapper` is a live wrapper of a live ACL user.
         let status = unsafe {
             raw::RedisModule_ACLCheckKeyPermissions.unwrap()(
-                acl_user,
+                self.wrapper,
                 name.inner,
                 permissions.bits(),
             )
         };
         status == raw::REDISMODULE_OK as std::os::raw::c_int
-    };
-    if user_name.as_slice() == DEFAULT_USER_NAME {
-        return match default_user() {
-            Some(acl_user) => check(acl_user),
-            None => false,
-        };
     }
-    // SAFETY: the wrapper is used and freed before this returns; the ACL
-    // user it points to cannot go away meanwhile (main thread / GIL).
-    unsafe {
-        let acl_user = raw::RedisModule_GetModuleUserFromUserName.unwrap()(user_name.inner);
-        if acl_user.is_null() {
-            return false;
+}
+
+impl Drop for AclUser {
+    fn drop(&mut self) {
+        if self.owned {
+            // SAFETY: made by GetModuleUserFromUserName and not shared.
+            unsafe { raw::RedisModule_FreeModuleUser.unwrap()(self.wrapper) };
         }
-        let allowed = check(acl_user);
-        raw::RedisModule_FreeModuleUser.unwrap()(acl_user);
-        allowed
     }
 }
 

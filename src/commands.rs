@@ -280,19 +280,26 @@ fn read_row(
         STATS.busy_rejections.fetch_add(1, Ordering::Relaxed);
         return responder.answer(Err(busy(settings.max_inflight)));
     }
-    let waiter = Waiter::Read(responder.into_replier(ctx));
-    match sh.fills.join(&fill_key, &table.key_name, waiter) {
+    let replier = responder.into_replier(ctx);
+    let carrier = replier.carrier();
+    match sh
+        .fills
+        .join(&fill_key, &table.key_name, Waiter::Read(replier))
+    {
         Join::Joined => {
             STATS.coalesced_waits.fetch_add(1, Ordering::Relaxed);
         }
         Join::Started(id) => {
             drop(sh);
-            let mut group = FetchGroup::new(FillPlan {
-                table: table.clone(),
-                db,
-                ttl: ttl.unwrap_or(settings.default_ttl),
-                negative_ttl: settings.negative_ttl,
-            });
+            let mut group = FetchGroup::new(
+                FillPlan {
+                    table: table.clone(),
+                    db,
+                    ttl: ttl.unwrap_or(settings.default_ttl),
+                    negative_ttl: settings.negative_ttl,
+                },
+                Some(carrier),
+            );
             let (_, key) = fill_key;
             let pk_json = key[pk_at..].to_owned();
             group.add(key, id, pk_json);
@@ -333,10 +340,12 @@ fn read_rows(
         .iter()
         .map(|pk| cache_key(&settings.cache_prefix, table, pk))
         .collect();
-    if let Some(e) = keys
-        .iter()
-        .find_map(|k| cache::check_acl(ctx, responder.user(), k, AclPermissions::ACCESS).err())
-    {
+    if let Err(e) = cache::check_acl_all(
+        ctx,
+        responder.user(),
+        keys.iter().map(String::as_str),
+        AclPermissions::ACCESS,
+    ) {
         return responder.answer(Err(e));
     }
     let mut slots: Vec<Option<String>> = vec![None; keys.len()];
@@ -372,7 +381,7 @@ fn read_rows(
         }
     }
     if missing.is_empty() {
-        let json = fill::json_array(slots.iter().map(|s| s.as_deref().unwrap_or("null")));
+        let json = pgcache_core::json_array(slots.iter().map(|s| s.as_deref().unwrap_or("null")));
         return responder.answer(Ok(RedisValue::StringBuffer(json.into_bytes())));
     }
     let mut sh = shared();
@@ -385,14 +394,20 @@ fn read_rows(
         STATS.busy_rejections.fetch_add(1, Ordering::Relaxed);
         return responder.answer(Err(busy(settings.max_inflight)));
     }
-    let batch = Batch::new(slots, missing.len(), responder.into_replier(ctx));
+    let replier = responder.into_replier(ctx);
+    let carrier = replier.carrier();
+    let batch = Batch::new(slots, missing.len(), replier);
+    let mut joined_other_fills = false;
     // All misses of the call, one group: one query.
-    let mut group = FetchGroup::new(FillPlan {
-        table: table.clone(),
-        db,
-        ttl: ttl.unwrap_or(settings.default_ttl),
-        negative_ttl: settings.negative_ttl,
-    });
+    let mut group = FetchGroup::new(
+        FillPlan {
+            table: table.clone(),
+            db,
+            ttl: ttl.unwrap_or(settings.default_ttl),
+            negative_ttl: settings.negative_ttl,
+        },
+        None,
+    );
     for (first, positions) in missing {
         let key = keys[first].clone();
         match sh.fills.join(
@@ -402,12 +417,17 @@ fn read_rows(
         ) {
             Join::Joined => {
                 STATS.coalesced_waits.fetch_add(1, Ordering::Relaxed);
+                joined_other_fills = true;
             }
             Join::Started(id) => group.add(key, id, pks[first].json.clone()),
         }
     }
     drop(sh);
     if !group.is_empty() {
+        if !joined_other_fills {
+            // Answered when its own group ends: it can carry the group.
+            group.set_carrier(carrier);
+        }
         fill::enqueue(group);
     }
     Ok(RedisValue::NoReply)

@@ -7,63 +7,233 @@
 
 use crate::cache::{self, err};
 use crate::state::{self, shared, FillKey, STATS};
-use pgcache_core::{FillId, PendingFetches, TableSchema, NEGATIVE_MARKER};
+use pgcache_core::{json_array, FillId, PendingFetches, TableSchema, NEGATIVE_MARKER};
 use pgcache_pg::PgError;
 use redis_module::{raw, Context, RedisResult, RedisValue, ThreadSafeContext};
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Instant;
 
-/// A blocked client and the means to answer it, through the raw module API
-/// (the crate's error replies mangle non-ASCII text).
-pub struct Replier {
+/// A blocked client's handles: the blocked-client handle, and a thread-safe
+/// context bound to it, on which replies reach the client when it is
+/// unblocked, made with or without Redis's lock.
+struct Handles {
     blocked: *mut raw::RedisModuleBlockedClient,
-    /// Thread-safe context bound to the blocked client: replies made on it
-    /// reach the client when it is unblocked, with or without Redis's lock.
     ctx: *mut raw::RedisModuleCtx,
 }
 
-// SAFETY: the blocked-client handle and its thread-safe context are made for
-// use from other threads; a Replier is used by one thread at a time.
-unsafe impl Send for Replier {}
+// SAFETY: both handles are made for use from other threads; the mutex in
+// `BlockState`'s owner serialises their use.
+unsafe impl Send for Handles {}
+
+/// Where a blocked client stands.
+enum BlockState {
+    /// Waiting; whoever answers it also unblocks it.
+    Blocked(Handles),
+    /// Already unblocked by a worker with a fill's completion, which Redis's
+    /// main thread is about to run in the client's reply callback: an
+    /// answer goes to the reply context only (a second unblock would free
+    /// the handle twice).
+    Carrying(Handles),
+    Answered,
+}
+
+type SharedBlock = Arc<Mutex<BlockState>>;
+
+fn lock_block(b: &SharedBlock) -> MutexGuard<'_, BlockState> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A blocked client and the means to answer it, through the raw module API
+/// (the crate's error replies mangle non-ASCII text). Dropped unanswered, it
+/// answers with an error.
+pub struct Replier(SharedBlock);
 
 impl Replier {
     pub fn block(ctx: &Context) -> Replier {
         unsafe {
-            let blocked = raw::RedisModule_BlockClient.unwrap()(ctx.ctx, None, None, None, 0);
+            let blocked = raw::RedisModule_BlockClient.unwrap()(
+                ctx.ctx,
+                Some(run_completion),
+                None,
+                Some(free_completion),
+                0,
+            );
             let ctx = raw::RedisModule_GetThreadSafeContext.unwrap()(blocked);
-            Replier { blocked, ctx }
+            Replier(Arc::new(Mutex::new(BlockState::Blocked(Handles {
+                blocked,
+                ctx,
+            }))))
         }
+    }
+
+    /// The handle that lets a worker unblock this client with a fill's
+    /// completion (see `Carrier`).
+    pub fn carrier(&self) -> Carrier {
+        Carrier(self.0.clone())
     }
 
     pub fn reply(self, result: RedisResult) {
-        cache::reply(&Context::new(self.ctx), result);
-        let mut answered = self;
-        answered.finish();
-    }
-
-    fn finish(&mut self) {
-        if self.blocked.is_null() {
-            return;
-        }
-        unsafe {
-            raw::RedisModule_FreeThreadSafeContext.unwrap()(self.ctx);
-            raw::RedisModule_UnblockClient.unwrap()(self.blocked, std::ptr::null_mut());
-        }
-        self.blocked = std::ptr::null_mut();
+        answer(&self.0, result);
     }
 }
 
 impl Drop for Replier {
     fn drop(&mut self) {
-        if !self.blocked.is_null() {
-            cache::reply(
-                &Context::new(self.ctx),
-                Err(err("pgcache: the request was abandoned (internal error)")),
-            );
-            self.finish();
+        answer(
+            &self.0,
+            Err(err("pgcache: the request was abandoned (internal error)")),
+        );
+    }
+}
+
+/// Answers a blocked client once; later answers are ignored.
+fn answer(block: &SharedBlock, result: RedisResult) {
+    let state = std::mem::replace(&mut *lock_block(block), BlockState::Answered);
+    let (h, unblock) = match state {
+        BlockState::Blocked(h) => (h, true),
+        BlockState::Carrying(h) => (h, false),
+        BlockState::Answered => return,
+    };
+    cache::reply(&Context::new(h.ctx), result);
+    unsafe {
+        raw::RedisModule_FreeThreadSafeContext.unwrap()(h.ctx);
+        if unblock {
+            raw::RedisModule_UnblockClient.unwrap()(h.blocked, std::ptr::null_mut());
         }
+    }
+}
+
+/// A second handle on a blocked client, held by the fill it started: the
+/// worker that reads the fill's rows unblocks the client with them, and
+/// Redis's main thread ends the fill in the client's reply callback. So
+/// workers never take Redis's lock to end fills (waiting for it, and being
+/// descheduled while holding it, delayed every other client).
+///
+/// The client that starts a fill is answered only when that fill ends (a
+/// READ by its own fill; a MULTIREAD once all its keys are in), so it is
+/// still blocked when its carrier is used.
+pub struct Carrier(SharedBlock);
+
+impl Carrier {
+    /// After its completion ran: a carrier its fill did not answer (a bug)
+    /// is answered with an error, so it never refers to a freed client.
+    fn settle(&self) {
+        answer(
+            &self.0,
+            Err(err("pgcache: the request was abandoned (internal error)")),
+        );
+    }
+}
+
+/// A query's rows for one group (aligned with its keys), or its error.
+type Rows = Result<Vec<Option<String>>, String>;
+
+/// Fill groups and their rows on their way to Redis's main thread, carried
+/// by `carrier`, the client that started the first group.
+struct Completion {
+    carrier: Carrier,
+    work: Vec<(FetchGroup, Rows)>,
+    /// Dropped (so its receiver wakes) once Redis has run this completion.
+    _paced: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Completion {
+    /// Unblocks the carrier with this completion, or hands it back when the
+    /// client was answered already.
+    fn hand_off(self: Box<Self>) -> Result<(), Box<Self>> {
+        let blocked = {
+            let mut st = lock_block(&self.carrier.0);
+            match std::mem::replace(&mut *st, BlockState::Answered) {
+                BlockState::Blocked(h) => {
+                    let blocked = h.blocked;
+                    *st = BlockState::Carrying(h);
+                    blocked
+                }
+                other => {
+                    *st = other;
+                    drop(st);
+                    return Err(self);
+                }
+            }
+        };
+        // SAFETY: the client is blocked and unblocked only here (state
+        // `Carrying` keeps answers from unblocking it); Redis hands the
+        // pointer back to `run_completion` and `free_completion`.
+        unsafe {
+            raw::RedisModule_UnblockClient.unwrap()(blocked, Box::into_raw(self).cast());
+        }
+        Ok(())
+    }
+}
+
+/// Reply callback of every blocked client. Clients answered by a worker
+/// come with no completion; a carrier comes with its groups': end their
+/// fills here, on the main thread, with a context whose writes replicate.
+unsafe extern "C" fn run_completion(
+    ctx: *mut raw::RedisModuleCtx,
+    _argv: *mut *mut raw::RedisModuleString,
+    _argc: std::os::raw::c_int,
+) -> std::os::raw::c_int {
+    let completion =
+        raw::RedisModule_GetBlockedClientPrivateData.unwrap()(ctx).cast::<Completion>();
+    if let Some(completion) = completion.as_mut() {
+        let work = std::mem::take(&mut completion.work);
+        let ctx = Context::new(ctx);
+        let _ = catch_unwind(AssertUnwindSafe(|| end_on_main_thread(&ctx, work)));
+        completion.carrier.settle();
+    }
+    raw::REDISMODULE_OK as std::os::raw::c_int
+}
+
+/// Frees a carrier's completion. One still holding its work belongs to a
+/// client that disconnected, or ran inside MULTI or a script (Redis skips
+/// the reply callback then): its fills are ended from a worker, under
+/// Redis's lock.
+unsafe extern "C" fn free_completion(
+    _ctx: *mut raw::RedisModuleCtx,
+    privdata: *mut std::ffi::c_void,
+) {
+    if privdata.is_null() {
+        return;
+    }
+    let completion = Box::from_raw(privdata.cast::<Completion>());
+    let _ = catch_unwind(AssertUnwindSafe(move || {
+        let Completion { carrier, work, .. } = *completion;
+        // The client's answer has nowhere to go now.
+        carrier.settle();
+        if !work.is_empty() {
+            state::runtime().spawn(async move { complete_each(work) });
+        }
+    }));
+}
+
+/// Ends groups in a carrier's reply callback, where writes are replicated
+/// when the callback returns. `ctx` is the carrier client's: `complete`
+/// selects each group's database on it, so the client's is restored after.
+fn end_on_main_thread(ctx: &Context, work: Vec<(FetchGroup, Rows)>) {
+    let client_db = cache::selected_db(ctx);
+    for (group, rows) in work {
+        let mut rows = rows.map(Vec::into_iter);
+        for (key, id) in &group.keys {
+            let one: Outcome = match &mut rows {
+                Ok(rows) => Ok(rows.next().flatten()),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = catch_unwind(AssertUnwindSafe(|| {
+                complete(ctx, &group.plan, key, *id, &one)
+            }));
+        }
+    }
+    cache::select_db(ctx, client_db);
+}
+
+/// `complete_groups` for groups with rows of their own.
+fn complete_each(work: Vec<(FetchGroup, Rows)>) {
+    for (group, rows) in work {
+        complete_groups(vec![group], rows);
     }
 }
 
@@ -143,7 +313,9 @@ impl Waiter {
     }
 }
 
-/// A MULTIREAD waiting for some of its keys.
+/// A MULTIREAD waiting for some of its keys. It is answered once every key
+/// is in, even after an error (the first error is the answer): the fills it
+/// started carry their completion on its blocked client (see `Carrier`).
 pub struct Batch(Mutex<BatchState>);
 
 struct BatchState {
@@ -151,6 +323,7 @@ struct BatchState {
     slots: Vec<Option<String>>,
     /// Distinct keys still pending.
     pending: usize,
+    error: Option<String>,
     replier: Option<Replier>,
 }
 
@@ -159,19 +332,16 @@ impl Batch {
         Arc::new(Batch(Mutex::new(BatchState {
             slots,
             pending,
+            error: None,
             replier: Some(replier),
         })))
     }
 
     fn deliver(&self, positions: &[usize], outcome: &Outcome) {
         let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(_) = st.replier else { return };
         match outcome {
             Err(e) => {
-                if let Some(r) = st.replier.take() {
-                    r.reply(Err(err(e)));
-                }
-                return;
+                st.error.get_or_insert_with(|| e.clone());
             }
             Ok(row) => {
                 for &p in positions {
@@ -181,27 +351,19 @@ impl Batch {
                 }
             }
         }
-        st.pending -= 1;
-        if st.pending == 0 {
-            let json = json_array(st.slots.iter().map(|s| s.as_deref().unwrap_or("null")));
-            if let Some(r) = st.replier.take() {
+        st.pending = st.pending.saturating_sub(1);
+        if st.pending > 0 {
+            return;
+        }
+        let Some(r) = st.replier.take() else { return };
+        match st.error.take() {
+            Some(e) => r.reply(Err(err(e))),
+            None => {
+                let json = json_array(st.slots.iter().map(|s| s.as_deref().unwrap_or("null")));
                 r.reply(Ok(RedisValue::StringBuffer(json.into_bytes())));
             }
         }
     }
-}
-
-/// `[a,b,...]` from JSON texts.
-pub fn json_array<'a>(items: impl Iterator<Item = &'a str>) -> String {
-    let mut out = String::from("[");
-    for (i, item) in items.enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(item);
-    }
-    out.push(']');
-    out
 }
 
 /// Runs `f` holding Redis's lock, from a background thread. A panic in `f`
@@ -252,6 +414,10 @@ fn pending() -> MutexGuard<'static, PendingFetches<u32, FetchGroup>> {
 /// missing keys): one plan, always in the same query.
 pub struct FetchGroup {
     plan: FillPlan,
+    /// The blocked client that started the group, when it is answered by
+    /// the group's own fills (a READ; a MULTIREAD that joined no other
+    /// fill): it can carry the group's completion to Redis's main thread.
+    carrier: Option<Carrier>,
     /// Cache keys and their fills, aligned with `pks`.
     keys: Vec<(String, FillId)>,
     /// Canonical primary keys (JSON objects).
@@ -259,9 +425,10 @@ pub struct FetchGroup {
 }
 
 impl FetchGroup {
-    pub fn new(plan: FillPlan) -> FetchGroup {
+    pub fn new(plan: FillPlan, carrier: Option<Carrier>) -> FetchGroup {
         FetchGroup {
             plan,
+            carrier,
             keys: Vec::new(),
             pks: Vec::new(),
         }
@@ -275,32 +442,85 @@ impl FetchGroup {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+
+    pub fn set_carrier(&mut self, carrier: Carrier) {
+        self.carrier = Some(carrier);
+    }
 }
 
 /// Groups taken for one query. Dropped before `complete` (a panic), it
 /// answers their waiters with an error and ends their fills.
-struct Taken(Vec<FetchGroup>);
+struct Taken(VecDeque<FetchGroup>);
 
 impl Taken {
-    fn complete(mut self, outcome: Result<Vec<Option<String>>, String>, schema_changed: bool) {
-        let groups = std::mem::take(&mut self.0);
+    /// Hands the groups' rows to Redis's main thread, each group carried by
+    /// the client that started it (groups without one ride along with the
+    /// next carrier), `HANDOFF_CHUNK` carriers at a time: the next chunk is
+    /// handed over once Redis has run the previous one, so a query of
+    /// hundreds of keys never makes Redis write hundreds of replies before
+    /// it answers other clients.
+    async fn complete(mut self, outcome: Rows, schema_changed: bool) {
         if schema_changed {
-            if let Some(g) = groups.first() {
+            if let Some(g) = self.0.front() {
                 let oid = g.plan.table.oid;
                 with_gil(|_| shared().forget_table(oid));
             }
         }
-        complete_groups(groups, outcome);
+        let mut rows = outcome.map(Vec::into_iter);
+        let mut riders: Vec<(FetchGroup, Rows)> = Vec::new();
+        let mut in_chunk = 0;
+        // Groups not handed over yet stay in `self`, for Drop to answer
+        // should this task die.
+        while let Some(group) = self.0.pop_front() {
+            let group_rows = match &mut rows {
+                Ok(rows) => Ok(rows.by_ref().take(group.keys.len()).collect()),
+                Err(e) => Err(e.clone()),
+            };
+            let Some(carrier) = group.carrier.as_ref().map(|c| Carrier(c.0.clone())) else {
+                riders.push((group, group_rows));
+                continue;
+            };
+            in_chunk += 1;
+            let (paced, ran) = if in_chunk == HANDOFF_CHUNK && !self.0.is_empty() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let mut work = std::mem::take(&mut riders);
+            work.push((group, group_rows));
+            let completion = Box::new(Completion {
+                carrier,
+                work,
+                _paced: paced,
+            });
+            if let Err(mut back) = completion.hand_off() {
+                complete_each(std::mem::take(&mut back.work));
+            }
+            if let Some(ran) = ran {
+                // Whatever becomes of the completion drops the sender.
+                let _ = ran.await;
+                in_chunk = 0;
+            }
+        }
+        // No carrier came after these: end them from here.
+        complete_each(riders);
     }
 }
 
 impl Drop for Taken {
     fn drop(&mut self) {
         if !self.0.is_empty() {
-            complete_groups(std::mem::take(&mut self.0), Err(INTERNAL.to_string()));
+            complete_groups(
+                std::mem::take(&mut self.0).into(),
+                Err(INTERNAL.to_string()),
+            );
         }
     }
 }
+
+/// Groups handed to Redis's main thread at a time (see `Taken::complete`).
+const HANDOFF_CHUNK: usize = 8;
 
 const INTERNAL: &str = "pgcache: internal error in a background task";
 
@@ -339,7 +559,7 @@ async fn fetch_queued(oid: u32) {
                 .iter_mut()
                 .flat_map(|g| std::mem::take(&mut g.pks))
                 .collect();
-            Some((table, pks, Taken(groups)))
+            Some((table, pks, Taken(groups.into())))
         })
         .await;
     let Some((taken, result)) = fetched else {
@@ -347,7 +567,9 @@ async fn fetch_queued(oid: u32) {
     };
     record_latency(started);
     let schema_changed = matches!(&result, Err(e) if e.schema_changed());
-    taken.complete(result.map_err(|e| e.to_string()), schema_changed);
+    taken
+        .complete(result.map_err(|e| e.to_string()), schema_changed)
+        .await;
 }
 
 /// Most fills ended in one hold of Redis's lock: a batch of hundreds would

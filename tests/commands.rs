@@ -698,3 +698,71 @@ fn events_type_list_and_channel() {
         "{events:?}"
     );
 }
+
+/// Inside MULTI/EXEC or a Lua script Redis cannot block a client: a hit is
+/// served, a miss answers Redis's own error for a blocking command there,
+/// and the fill it started still caches the row, so a later read hits.
+#[test]
+fn read_inside_multi_and_lua() {
+    let pg = PgServer::start_new();
+    let mut r = RedisServer::with_pg(&pg, &[]);
+    let mut c = r.con();
+    let expected = pg.row_json("users", "id = 7").unwrap();
+
+    // A miss inside a transaction: an error for that command only.
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    let _: () = redis::cmd("PGCACHE.READ")
+        .arg("users")
+        .arg(r#"{"id":7}"#)
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("ECHO").arg("after").query(&mut c).unwrap();
+    let exec = redis::cmd("EXEC").query::<redis::Value>(&mut c);
+    let text = format!("{exec:?}");
+    assert!(
+        text.contains("Blocking module command called from transaction"),
+        "a miss in MULTI is Redis's error naming the cause; got {text}"
+    );
+    // The fill went on: the row gets cached.
+    let key = r#"pg_cache:users:{"id":7}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !exists(&mut c, key) {
+        assert!(std::time::Instant::now() < deadline, "row never cached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A hit inside a transaction is served.
+    let (hit,): (String,) = redis::pipe()
+        .atomic()
+        .cmd("PGCACHE.READ")
+        .arg("users")
+        .arg(r#"{"id":7}"#)
+        .query(&mut c)
+        .unwrap();
+    assert_row(&serde_json::from_str(&hit).unwrap(), &expected);
+
+    // Lua: a hit is served; a miss is an error the script sees.
+    let hit: String = redis::cmd("EVAL")
+        .arg("return redis.call('PGCACHE.READ', 'users', ARGV[1])")
+        .arg(0)
+        .arg(r#"{"id":7}"#)
+        .query(&mut c)
+        .unwrap();
+    assert_row(&serde_json::from_str(&hit).unwrap(), &expected);
+    let miss = redis::cmd("EVAL")
+        .arg("return redis.pcall('PGCACHE.READ', 'users', ARGV[1])")
+        .arg(0)
+        .arg(r#"{"id":8}"#)
+        .query::<redis::Value>(&mut c);
+    let text = format!("{miss:?}");
+    assert!(
+        text.contains("Lua") || text.contains("script"),
+        "got {text}"
+    );
+    // Every fill ended; Redis is alive and answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while r.stat("fills_in_flight") != 0 {
+        assert!(std::time::Instant::now() < deadline, "fills never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(r.alive());
+}

@@ -418,6 +418,12 @@ async fn killed_client_leaves_nothing_behind() {
             .await;
     });
     wait_for_stat(&mut admin, "fills_in_flight", 1).await;
+    // A second reader of the key waits on the victim's fill.
+    let coalesced_before = stat_of(&stats_async(&mut admin).await, "coalesced_waits");
+    let mut follower_con = r.async_con().await;
+    let follower =
+        tokio::spawn(async move { aread(&mut follower_con, "users", r#"{"id":7}"#).await });
+    wait_for_stat(&mut admin, "coalesced_waits", coalesced_before + 1).await;
     let killed: i64 = redis::cmd("CLIENT")
         .arg("KILL")
         .arg("ID")
@@ -428,6 +434,19 @@ async fn killed_client_leaves_nothing_behind() {
     assert_eq!(killed, 1);
     lock.release().await;
     let _ = pending.await;
+    // The fill the killed client started still answers the follower and
+    // caches the row.
+    let row = follower.await.unwrap().unwrap().expect("row 7 exists");
+    assert_eq!(json(&row)["id"], 7);
+    assert_eq!(
+        redis::cmd("EXISTS")
+            .arg(r#"pg_cache:users:{"id":7}"#)
+            .query_async::<i64>(&mut admin)
+            .await
+            .unwrap(),
+        1,
+        "the row was cached"
+    );
 
     // the fill finishes and nothing is left in flight; the server is fine
     let deadline = std::time::Instant::now() + HANG;

@@ -9,6 +9,7 @@ pub mod args;
 pub mod event;
 pub mod fastkey;
 pub mod fills;
+pub mod json;
 pub mod key;
 pub mod latency;
 pub mod notify;
@@ -20,6 +21,7 @@ pub mod sql;
 pub use args::{check_table_arg, parse_ttl, ArgError};
 pub use fastkey::{push_canonical_pk, push_canonical_pk_bytes};
 pub use fills::{FillId, FillRegistry, Finished, Join};
+pub use json::json_array;
 pub use key::{
     cache_key, canonical_pk, canonical_pk_value, CanonicalPk, KeyError, NEGATIVE_MARKER,
 };

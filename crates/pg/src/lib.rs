@@ -14,7 +14,7 @@ pub use config::{config_and_tls, connect_config};
 pub use error::PgError;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use pgcache_core::{canonical_pk, Settings, TableSchema};
+use pgcache_core::{canonical_pk, json_array, Settings, TableSchema};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -264,18 +264,4 @@ impl Pg {
         }
         Ok(out)
     }
-}
-
-/// `[a,b,...]` from JSON texts.
-fn json_array(items: &[String]) -> String {
-    let mut out = String::with_capacity(2 + items.iter().map(|i| i.len() + 1).sum::<usize>());
-    out.push('[');
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(item);
-    }
-    out.push(']');
-    out
 }
