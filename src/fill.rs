@@ -1,6 +1,13 @@
 //! Misses: blocking the client, running the fill on the background runtime,
 //! caching the row and answering every client that waits for it.
 //!
+//! The path of a miss: the command handler blocks its client and queues the
+//! fill (`enqueue`); the table's fetcher takes what is queued once it holds
+//! a connection and runs one query; the rows go back to Redis's main thread
+//! as the private data of one of the blocked clients (`Carrier`), whose
+//! reply callback caches them and answers every waiting client. Workers
+//! take Redis's lock only on fallback paths (no client can carry the rows).
+//!
 //! Every blocked client is answered: a `Replier` that is dropped unanswered
 //! (a panic, an abandoned fill) replies with an error on its way out, and a
 //! panicking fill is caught and turned into an error for its waiters.
@@ -12,33 +19,36 @@ use pgcache_pg::PgError;
 use redis_module::{raw, Context, RedisResult, RedisValue, ThreadSafeContext};
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Instant;
 
-/// A blocked client's handles: the blocked-client handle, and a thread-safe
-/// context bound to it, on which replies reach the client when it is
-/// unblocked, made with or without Redis's lock.
-struct Handles {
-    blocked: *mut raw::RedisModuleBlockedClient,
-    ctx: *mut raw::RedisModuleCtx,
-}
+/// A blocked-client handle.
+struct Blocked(*mut raw::RedisModuleBlockedClient);
 
-// SAFETY: both handles are made for use from other threads; the mutex in
-// `BlockState`'s owner serialises their use.
-unsafe impl Send for Handles {}
+// SAFETY: blocked-client handles are made for use from other threads
+// (RM_UnblockClient is thread-safe); the mutex of `SharedBlock` serialises
+// the one use made of it.
+unsafe impl Send for Blocked {}
 
 /// Where a blocked client stands.
 enum BlockState {
-    /// Waiting; whoever answers it also unblocks it.
-    Blocked(Handles),
-    /// Already unblocked by a worker with a fill's completion, which Redis's
-    /// main thread is about to run in the client's reply callback: an
-    /// answer goes to the reply context only (a second unblock would free
-    /// the handle twice).
-    Carrying(Handles),
+    /// Waiting; whoever answers it unblocks it with the answer.
+    Blocked(Blocked),
+    /// Unblocked by a worker with a fill's completion, which Redis's main
+    /// thread runs in the client's reply callback: the answer is left here
+    /// for that callback to send (a second unblock would free the handle
+    /// twice).
+    Carrying(Option<Answer>),
     Answered,
 }
+
+/// An answer on its way to the main thread.
+struct Answer(RedisResult);
+
+// SAFETY: answers hold owned data only (strings, byte buffers, integers),
+// never Redis-owned strings or contexts.
+unsafe impl Send for Answer {}
 
 type SharedBlock = Arc<Mutex<BlockState>>;
 
@@ -46,27 +56,35 @@ fn lock_block(b: &SharedBlock) -> MutexGuard<'_, BlockState> {
     b.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A blocked client and the means to answer it, through the raw module API
-/// (the crate's error replies mangle non-ASCII text). Dropped unanswered, it
-/// answers with an error.
+/// What a blocked client is unblocked with (its private data), handed to
+/// `on_unblocked` on Redis's main thread.
+enum Unblocked {
+    /// The answer, made by whichever thread answered.
+    Answer(RedisResult),
+    /// Fills to end before the answer (see `Carrier`).
+    Completion(Completion),
+}
+
+/// A blocked client and the means to answer it from any thread: the answer
+/// travels as the unblock's private data and is sent by the reply callback
+/// on the main thread, so no thread-safe context is made per client. Dropped
+/// unanswered, it answers with an error.
 pub struct Replier(SharedBlock);
 
 impl Replier {
     pub fn block(ctx: &Context) -> Replier {
-        unsafe {
-            let blocked = raw::RedisModule_BlockClient.unwrap()(
+        // SAFETY: called from a command handler (or under Redis's lock) with
+        // its context; the callbacks are this module's.
+        let blocked = unsafe {
+            raw::RedisModule_BlockClient.unwrap()(
                 ctx.ctx,
-                Some(run_completion),
+                Some(on_unblocked),
                 None,
-                Some(free_completion),
+                Some(free_unblocked),
                 0,
-            );
-            let ctx = raw::RedisModule_GetThreadSafeContext.unwrap()(blocked);
-            Replier(Arc::new(Mutex::new(BlockState::Blocked(Handles {
-                blocked,
-                ctx,
-            }))))
-        }
+            )
+        };
+        Replier(Arc::new(Mutex::new(BlockState::Blocked(Blocked(blocked)))))
     }
 
     /// The handle that lets a worker unblock this client with a fill's
@@ -82,27 +100,25 @@ impl Replier {
 
 impl Drop for Replier {
     fn drop(&mut self) {
-        answer(
-            &self.0,
-            Err(err("pgcache: the request was abandoned (internal error)")),
-        );
+        answer(&self.0, Err(err(ABANDONED)));
     }
 }
 
+const ABANDONED: &str = "pgcache: the request was abandoned (internal error)";
+
 /// Answers a blocked client once; later answers are ignored.
 fn answer(block: &SharedBlock, result: RedisResult) {
-    let state = std::mem::replace(&mut *lock_block(block), BlockState::Answered);
-    let (h, unblock) = match state {
-        BlockState::Blocked(h) => (h, true),
-        BlockState::Carrying(h) => (h, false),
-        BlockState::Answered => return,
-    };
-    cache::reply(&Context::new(h.ctx), result);
-    unsafe {
-        raw::RedisModule_FreeThreadSafeContext.unwrap()(h.ctx);
-        if unblock {
-            raw::RedisModule_UnblockClient.unwrap()(h.blocked, std::ptr::null_mut());
+    let mut st = lock_block(block);
+    match std::mem::replace(&mut *st, BlockState::Answered) {
+        BlockState::Blocked(Blocked(bc)) => {
+            drop(st);
+            let answer = Box::into_raw(Box::new(Unblocked::Answer(result)));
+            // SAFETY: the client is still blocked and unblocked only here;
+            // Redis hands the answer to `on_unblocked` / `free_unblocked`.
+            unsafe { raw::RedisModule_UnblockClient.unwrap()(bc, answer.cast()) };
         }
+        BlockState::Carrying(None) => *st = BlockState::Carrying(Some(Answer(result))),
+        other => *st = other,
     }
 }
 
@@ -112,19 +128,20 @@ fn answer(block: &SharedBlock, result: RedisResult) {
 /// workers never take Redis's lock to end fills (waiting for it, and being
 /// descheduled while holding it, delayed every other client).
 ///
-/// The client that starts a fill is answered only when that fill ends (a
-/// READ by its own fill; a MULTIREAD once all its keys are in), so it is
-/// still blocked when its carrier is used.
+/// Only a client answered by the fills it started may carry them (a READ; a
+/// MULTIREAD that joined no other fill): it is still blocked when its
+/// carrier is used, and answered while its completion runs.
 pub struct Carrier(SharedBlock);
 
 impl Carrier {
-    /// After its completion ran: a carrier its fill did not answer (a bug)
-    /// is answered with an error, so it never refers to a freed client.
-    fn settle(&self) {
-        answer(
-            &self.0,
-            Err(err("pgcache: the request was abandoned (internal error)")),
-        );
+    /// After its completion ran: the answer it left, or an error if its
+    /// fills did not answer it (not expected).
+    fn take_answer(&self) -> RedisResult {
+        let mut st = lock_block(&self.0);
+        match std::mem::replace(&mut *st, BlockState::Answered) {
+            BlockState::Carrying(Some(Answer(result))) => result,
+            _ => Err(err(ABANDONED)),
+        }
     }
 }
 
@@ -143,69 +160,69 @@ struct Completion {
 impl Completion {
     /// Unblocks the carrier with this completion, or hands it back when the
     /// client was answered already.
-    fn hand_off(self: Box<Self>) -> Result<(), Box<Self>> {
-        let blocked = {
-            let mut st = lock_block(&self.carrier.0);
-            match std::mem::replace(&mut *st, BlockState::Answered) {
-                BlockState::Blocked(h) => {
-                    let blocked = h.blocked;
-                    *st = BlockState::Carrying(h);
-                    blocked
-                }
-                other => {
-                    *st = other;
-                    drop(st);
-                    return Err(self);
-                }
-            }
+    fn hand_off(self) -> Result<(), Completion> {
+        let mut st = lock_block(&self.carrier.0);
+        let BlockState::Blocked(Blocked(bc)) =
+            std::mem::replace(&mut *st, BlockState::Carrying(None))
+        else {
+            // Not expected: put the state back and end the fills elsewhere.
+            *st = BlockState::Answered;
+            drop(st);
+            return Err(self);
         };
-        // SAFETY: the client is blocked and unblocked only here (state
+        drop(st);
+        let unblocked = Box::into_raw(Box::new(Unblocked::Completion(self)));
+        // SAFETY: the client was blocked and is unblocked only here (state
         // `Carrying` keeps answers from unblocking it); Redis hands the
-        // pointer back to `run_completion` and `free_completion`.
-        unsafe {
-            raw::RedisModule_UnblockClient.unwrap()(blocked, Box::into_raw(self).cast());
-        }
+        // completion to `on_unblocked` and `free_unblocked`.
+        unsafe { raw::RedisModule_UnblockClient.unwrap()(bc, unblocked.cast()) };
         Ok(())
     }
 }
 
-/// Reply callback of every blocked client. Clients answered by a worker
-/// come with no completion; a carrier comes with its groups': end their
-/// fills here, on the main thread, with a context whose writes replicate.
-unsafe extern "C" fn run_completion(
+/// Reply callback of every blocked client, on Redis's main thread: sends
+/// the answer it was unblocked with, or first ends the fills of the
+/// completion it carries, with a context whose writes replicate.
+unsafe extern "C" fn on_unblocked(
     ctx: *mut raw::RedisModuleCtx,
     _argv: *mut *mut raw::RedisModuleString,
     _argc: std::os::raw::c_int,
 ) -> std::os::raw::c_int {
-    let completion =
-        raw::RedisModule_GetBlockedClientPrivateData.unwrap()(ctx).cast::<Completion>();
-    if let Some(completion) = completion.as_mut() {
-        let work = std::mem::take(&mut completion.work);
-        let ctx = Context::new(ctx);
-        let _ = catch_unwind(AssertUnwindSafe(|| end_on_main_thread(&ctx, work)));
-        completion.carrier.settle();
-    }
+    let unblocked = raw::RedisModule_GetBlockedClientPrivateData.unwrap()(ctx).cast::<Unblocked>();
+    let context = Context::new(ctx);
+    let result = catch_unwind(AssertUnwindSafe(|| match unblocked.as_mut() {
+        Some(Unblocked::Answer(result)) => std::mem::replace(result, Ok(RedisValue::NoReply)),
+        Some(Unblocked::Completion(completion)) => {
+            let work = std::mem::take(&mut completion.work);
+            let _ = catch_unwind(AssertUnwindSafe(|| end_on_main_thread(&context, work)));
+            completion.carrier.take_answer()
+        }
+        None => Err(err(ABANDONED)),
+    }))
+    .unwrap_or_else(|_| Err(err(ABANDONED)));
+    cache::reply(&context, result);
     raw::REDISMODULE_OK as std::os::raw::c_int
 }
 
-/// Frees a carrier's completion. One still holding its work belongs to a
-/// client that disconnected, or ran inside MULTI or a script (Redis skips
-/// the reply callback then): its fills are ended from a worker, under
-/// Redis's lock.
-unsafe extern "C" fn free_completion(
+/// Frees what a client was unblocked with. A completion still holding its
+/// work belongs to a client that disconnected, or ran inside MULTI or a
+/// script (Redis skips the reply callback then): its fills are ended from
+/// a worker, under Redis's lock.
+unsafe extern "C" fn free_unblocked(
     _ctx: *mut raw::RedisModuleCtx,
     privdata: *mut std::ffi::c_void,
 ) {
     if privdata.is_null() {
         return;
     }
-    let completion = Box::from_raw(privdata.cast::<Completion>());
+    let unblocked = Box::from_raw(privdata.cast::<Unblocked>());
     let _ = catch_unwind(AssertUnwindSafe(move || {
-        let Completion { carrier, work, .. } = *completion;
-        // The client's answer has nowhere to go now.
-        carrier.settle();
-        if !work.is_empty() {
-            state::runtime().spawn(async move { complete_each(work) });
+        if let Unblocked::Completion(Completion { carrier, work, .. }) = *unblocked {
+            // The client's answer has nowhere to go now.
+            let _ = carrier.take_answer();
+            if !work.is_empty() {
+                state::runtime().spawn(async move { complete_each(work) });
+            }
         }
     }));
 }
@@ -453,12 +470,13 @@ impl FetchGroup {
 struct Taken(VecDeque<FetchGroup>);
 
 impl Taken {
-    /// Hands the groups' rows to Redis's main thread, each group carried by
-    /// the client that started it (groups without one ride along with the
-    /// next carrier), `HANDOFF_CHUNK` carriers at a time: the next chunk is
-    /// handed over once Redis has run the previous one, so a query of
-    /// hundreds of keys never makes Redis write hundreds of replies before
-    /// it answers other clients.
+    /// Hands the groups' rows to Redis's main thread, up to `HANDOFF_CHUNK`
+    /// groups at a time, carried by the first client among them that can
+    /// carry (see `Carrier`): one wake-up of the main thread per chunk, which
+    /// then ends every fill of the chunk and answers every waiting client in
+    /// one pass. The next chunk is handed over once Redis has run the
+    /// previous one, so a query of hundreds of keys never makes Redis write
+    /// hundreds of replies before it answers other clients.
     async fn complete(mut self, outcome: Rows, schema_changed: bool) {
         if schema_changed {
             if let Some(g) = self.0.front() {
@@ -467,44 +485,52 @@ impl Taken {
             }
         }
         let mut rows = outcome.map(Vec::into_iter);
-        let mut riders: Vec<(FetchGroup, Rows)> = Vec::new();
-        let mut in_chunk = 0;
-        // Groups not handed over yet stay in `self`, for Drop to answer
-        // should this task die.
+        let mut work: Vec<(FetchGroup, Rows)> = Vec::new();
+        let mut carrier: Option<Carrier> = None;
+        // Groups not handed over yet stay in `self` (or in `work`, which
+        // ends them below), for Drop to answer should this task die.
         while let Some(group) = self.0.pop_front() {
             let group_rows = match &mut rows {
                 Ok(rows) => Ok(rows.by_ref().take(group.keys.len()).collect()),
                 Err(e) => Err(e.clone()),
             };
-            let Some(carrier) = group.carrier.as_ref().map(|c| Carrier(c.0.clone())) else {
-                riders.push((group, group_rows));
-                continue;
-            };
-            in_chunk += 1;
-            let (paced, ran) = if in_chunk == HANDOFF_CHUNK && !self.0.is_empty() {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                (Some(tx), Some(rx))
-            } else {
-                (None, None)
-            };
-            let mut work = std::mem::take(&mut riders);
+            if carrier.is_none() {
+                carrier = group.carrier.as_ref().map(|c| Carrier(c.0.clone()));
+            }
             work.push((group, group_rows));
-            let completion = Box::new(Completion {
-                carrier,
-                work,
-                _paced: paced,
-            });
-            if let Err(mut back) = completion.hand_off() {
-                complete_each(std::mem::take(&mut back.work));
+            if work.len() < HANDOFF_CHUNK || carrier.is_none() {
+                continue;
             }
-            if let Some(ran) = ran {
-                // Whatever becomes of the completion drops the sender.
-                let _ = ran.await;
-                in_chunk = 0;
-            }
+            let (tx, ran) = tokio::sync::oneshot::channel();
+            let paced = (!self.0.is_empty()).then_some(tx);
+            hand_off_or_end(carrier.take(), std::mem::take(&mut work), paced);
+            // Whatever becomes of the completion drops the sender.
+            let _ = ran.await;
         }
-        // No carrier came after these: end them from here.
-        complete_each(riders);
+        hand_off_or_end(carrier, work, None);
+    }
+}
+
+/// Hands `work` to Redis's main thread through `carrier`; without one (or
+/// if it cannot carry), ends it from here under Redis's lock.
+fn hand_off_or_end(
+    carrier: Option<Carrier>,
+    work: Vec<(FetchGroup, Rows)>,
+    paced: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    if work.is_empty() {
+        return;
+    }
+    let Some(carrier) = carrier else {
+        return complete_each(work);
+    };
+    let completion = Completion {
+        carrier,
+        work,
+        _paced: paced,
+    };
+    if let Err(back) = completion.hand_off() {
+        complete_each(back.work);
     }
 }
 
@@ -519,21 +545,31 @@ impl Drop for Taken {
     }
 }
 
-/// Groups handed to Redis's main thread at a time (see `Taken::complete`).
-const HANDOFF_CHUNK: usize = 8;
+/// Groups handed to Redis's main thread at once (see `Taken::complete`).
+const HANDOFF_CHUNK: usize = 16;
 
 const INTERNAL: &str = "pgcache: internal error in a background task";
 
-/// Queues a fill of `group`'s keys and starts the task that will run it, or
-/// find it already taken by a query that started meanwhile.
+/// Queues a fill of `group`'s keys, starting its table's fetcher unless one
+/// is waiting already (see `pgcache_core::pending`).
 pub fn enqueue(group: FetchGroup) {
     let oid = group.plan.table.oid;
-    pending().push(oid, group.keys.len(), group);
+    let start = pending().push(oid, group.keys.len(), group);
+    if start {
+        start_fetcher(oid);
+    }
+}
+
+/// Starts the fetcher of table `oid`: a task that waits for a connection,
+/// then takes what is queued and runs it as one query.
+fn start_fetcher(oid: u32) {
     state::runtime().spawn(async move {
-        let fetch = state::runtime().spawn(fetch_queued(oid));
-        if fetch.await.is_err() {
-            // The task died before or after its take: take once more so no
-            // queued group is left without a task (see pgcache_core::pending).
+        let took = Arc::new(AtomicBool::new(false));
+        let fetch = state::runtime().spawn(fetch_queued(oid, took.clone()));
+        if fetch.await.is_err() && !took.load(Ordering::Acquire) {
+            // The fetcher died before its take: take in its place, so the
+            // queue is not left without one (groups it took answer through
+            // `Taken`'s Drop).
             let groups = take_queued(oid);
             if !groups.is_empty() {
                 complete_groups(groups, Err(INTERNAL.to_string()));
@@ -542,18 +578,24 @@ pub fn enqueue(group: FetchGroup) {
     });
 }
 
+/// The fetcher's take; starts the next fetcher when groups are left.
 fn take_queued(oid: u32) -> Vec<FetchGroup> {
-    pending().take(&oid, MAX_KEYS_PER_QUERY, |a, b| {
+    let taken = pending().take(&oid, MAX_KEYS_PER_QUERY, |a, b| {
         Arc::ptr_eq(&a.plan.table, &b.plan.table)
-    })
+    });
+    if taken.start_fetcher {
+        start_fetcher(oid);
+    }
+    taken.groups
 }
 
 /// One query for whatever is queued for table `oid` once a connection is free.
-async fn fetch_queued(oid: u32) {
+async fn fetch_queued(oid: u32, took: Arc<AtomicBool>) {
     let started = Instant::now();
     let fetched = state::pg()
         .fetch_taken(|| {
             let mut groups = take_queued(oid);
+            took.store(true, Ordering::Release);
             let table = groups.first()?.plan.table.clone();
             let pks: Vec<String> = groups
                 .iter_mut()
@@ -577,10 +619,10 @@ async fn fetch_queued(oid: u32) {
 const COMPLETIONS_PER_LOCK: usize = 16;
 
 /// Ends the fills of `groups` with the rows of their query (aligned with
-/// the groups' keys, in order) or its error, on the worker that read the
-/// answer (handing them to another thread, tried, adds a wake-up to every
-/// miss's latency). Each key is ended on its own: a panic in one leaves the
-/// others' fills correct.
+/// the groups' keys, in order) or its error, from a worker under Redis's
+/// lock: the fallback when no blocked client can carry them to the main
+/// thread (see `Taken::complete`), and the error path of a dead task. Each
+/// key is ended on its own: a panic in one leaves the others' fills correct.
 fn complete_groups(groups: Vec<FetchGroup>, outcome: Result<Vec<Option<String>>, String>) {
     let mut rows = match outcome {
         Ok(rows) => Ok(rows.into_iter()),

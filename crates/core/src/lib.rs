@@ -25,6 +25,6 @@ pub use json::json_array;
 pub use key::{
     cache_key, canonical_pk, canonical_pk_value, CanonicalPk, KeyError, NEGATIVE_MARKER,
 };
-pub use pending::PendingFetches;
+pub use pending::{PendingFetches, Taken as TakenFetches};
 pub use schema::{PkColumn, PkKind, TableSchema};
 pub use settings::{EventMask, SettingError, Settings, SslMode};
