@@ -110,6 +110,13 @@ impl Pg {
         (s.max_size, s.size, s.size.saturating_sub(s.available))
     }
 
+    /// Whether a new query could have a connection at once (an idle one,
+    /// or room to open one).
+    pub fn has_free_connection(&self) -> bool {
+        let s = self.pool().status();
+        s.available > 0 || s.size < s.max_size
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.query_timeout_ms.load(Ordering::Relaxed))
     }
