@@ -189,8 +189,10 @@ fn read_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
     }
     let ttl = optional_ttl(args.get(3))?;
     // The hit path: no copies of the arguments, no boxed continuation.
-    if let Some(table) = cached_table(args[1]) {
-        return read_row(ctx, &table, args[2], ttl, Responder::Direct);
+    if let Some(result) = state::with_cached_table(args[1], |table| {
+        read_row(ctx, table, args[2], ttl, Responder::Direct)
+    }) {
+        return result;
     }
     let pk = args[2].to_vec();
     with_table(

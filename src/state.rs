@@ -7,8 +7,9 @@ use arc_swap::ArcSwap;
 use pgcache_core::{FillRegistry, Settings, TableSchema};
 use pgcache_pg::Pg;
 use redis_module::{Context, RedisString};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 
 /// The settings in force; `CONFIG SET` swaps in a new value.
@@ -81,12 +82,14 @@ impl Shared {
         }
         self.catalog.insert(arg.to_vec(), schema);
         self.recent = std::array::from_fn(|_| None);
+        CATALOG_GENERATION.fetch_add(1, Ordering::Release);
     }
 
     /// Drops every cached spelling of a table whose definition changed.
     pub fn forget_table(&mut self, oid: u32) {
         self.catalog.retain(|_, t| t.oid != oid);
         self.recent = std::array::from_fn(|_| None);
+        CATALOG_GENERATION.fetch_add(1, Ordering::Release);
     }
 
     pub fn catalog_len(&self) -> usize {
@@ -102,6 +105,67 @@ static SHARED: LazyLock<Mutex<Shared>> = LazyLock::new(|| {
         fresh: HashSet::new(),
     })
 });
+
+/// Bumped, under the `SHARED` lock, by every change to the catalog: a
+/// thread's `FRONT` entries are valid while it has not moved.
+static CATALOG_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Slots of a thread's `FRONT` cache (a power of two).
+const FRONT_SLOTS: usize = 8;
+
+/// A spelling of a table argument, its schema, and the catalog generation
+/// it was read at.
+type FrontTable = (u64, Box<[u8]>, Arc<TableSchema>);
+
+// A per-thread cache in front of `Shared::table_recent` for the hit path
+// (in practice Redis's main thread): no lock and no reference count per
+// hit. Any change to the catalog bumps `CATALOG_GENERATION`, which voids
+// every entry read before it.
+thread_local! {
+    static FRONT: RefCell<[Option<FrontTable>; FRONT_SLOTS]> =
+        const { RefCell::new([const { None }; FRONT_SLOTS]) };
+}
+
+fn front_slot(arg: &[u8]) -> usize {
+    (arg.len() ^ usize::from(arg.last().copied().unwrap_or(0))) & (FRONT_SLOTS - 1)
+}
+
+/// Runs `f` with the schema of a table argument that was looked up before;
+/// `None` (without calling `f`) when it was not.
+pub fn with_cached_table<R>(arg: &[u8], f: impl FnOnce(&Arc<TableSchema>) -> R) -> Option<R> {
+    let generation = CATALOG_GENERATION.load(Ordering::Acquire);
+    let slot = front_slot(arg);
+    let mut f = Some(f);
+    let hit = FRONT
+        .try_with(|front| {
+            let front = front.try_borrow().ok()?;
+            match &front[slot] {
+                Some((g, spelling, schema)) if *g == generation && **spelling == *arg => {
+                    f.take().map(|f| f(schema))
+                }
+                _ => None,
+            }
+        })
+        .ok()
+        .flatten();
+    if hit.is_some() {
+        return hit;
+    }
+    let f = f?;
+    let (generation, schema) = {
+        let mut sh = shared();
+        // Read under the lock, which every bump holds: the generation the
+        // schema belongs to.
+        let generation = CATALOG_GENERATION.load(Ordering::Acquire);
+        (generation, sh.table_recent(arg)?)
+    };
+    let _ = FRONT.try_with(|front| {
+        if let Ok(mut front) = front.try_borrow_mut() {
+            front[slot] = Some((generation, arg.into(), schema.clone()));
+        }
+    });
+    Some(f(&schema))
+}
 
 pub fn shared() -> MutexGuard<'static, Shared> {
     SHARED.lock().unwrap_or_else(|e| e.into_inner())

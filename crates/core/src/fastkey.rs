@@ -230,11 +230,56 @@ fn push_member(out: &mut Vec<u8>, col: &PkColumn, tok: Token<'_>) -> Option<()> 
     Some(())
 }
 
+/// Whether `raw` is exactly `{"<col>":<value>}`, already canonical: no
+/// whitespace, and a value that renders as itself (an in-range integer
+/// without leading zeros or `-0`, a string without escapes or control
+/// characters that is UTF-8, or a boolean). Checked by comparing bytes in
+/// place, without scanning tokens; what `fast` accepts verbatim, and no more.
+/// The column name has no character JSON must escape (the caller checks).
+fn is_canonical_single(col: &PkColumn, raw: &[u8]) -> bool {
+    let name = col.name.as_bytes();
+    let Some(value) = raw
+        .strip_prefix(b"{\"")
+        .and_then(|r| r.strip_prefix(name))
+        .and_then(|r| r.strip_prefix(b"\":"))
+        .and_then(|r| r.strip_suffix(b"}"))
+    else {
+        return false;
+    };
+    match col.kind {
+        PkKind::Int16 | PkKind::Int32 | PkKind::Int64 => {
+            let digits = value.strip_prefix(b"-").unwrap_or(value);
+            match digits {
+                [] => false,
+                [b'0'] => digits.len() == value.len(),
+                [b'0', ..] => false,
+                _ => {
+                    digits.iter().all(u8::is_ascii_digit)
+                        && parse_int(value).is_some_and(|n| in_range(n, col.kind))
+                }
+            }
+        }
+        PkKind::Text | PkKind::Other => value
+            .strip_prefix(b"\"")
+            .and_then(|v| v.strip_suffix(b"\""))
+            .is_some_and(|s| {
+                !s.iter().any(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                    && std::str::from_utf8(s).is_ok()
+            }),
+        PkKind::Bool => value == b"true" || value == b"false",
+        _ => false,
+    }
+}
+
 /// The fast path proper; `None` means "ask the full parser". What it
 /// appends is UTF-8: the structure is ASCII, names are column names and
 /// string values are checked.
 fn fast(out: &mut Vec<u8>, table: &TableSchema, raw: &[u8]) -> Option<()> {
     if let [col] = table.pk.as_slice() {
+        if is_canonical_single(col, raw) {
+            out.extend_from_slice(raw);
+            return Some(());
+        }
         // One column, the common case: `{"name": value}` without a member
         // table. Whatever else is accepted below is refused here too.
         let mut sc = Scanner { s: raw, i: 0 };
