@@ -679,13 +679,13 @@ fn ping_under_slow_pg(
                 pgcache: false,
             },
             Bar {
-                name: "64 in BLPOP 20 ms (control)".into(),
+                name: "BLPOP (control)".into(),
                 value: control99,
                 label: format!("{control99:.3} ms ({control_ratio:.2}x)"),
                 pgcache: false,
             },
             Bar {
-                name: "64 misses, PG + 20 ms".into(),
+                name: "misses, PG + 20 ms".into(),
                 value: busy99,
                 label: format!("{busy99:.3} ms ({ratio:.2}x)"),
                 pgcache: true,
