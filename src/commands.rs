@@ -293,15 +293,7 @@ fn read_row(
         }
         Join::Started(id) => {
             drop(sh);
-            let mut group = FetchGroup::new(
-                FillPlan {
-                    table: table.clone(),
-                    db,
-                    ttl: ttl.unwrap_or(settings.default_ttl),
-                    negative_ttl: settings.negative_ttl,
-                },
-                Some(carrier),
-            );
+            let mut group = FetchGroup::new(fill_plan(&settings, table, db, ttl), Some(carrier));
             let (_, key) = fill_key;
             let pk_json = key[pk_at..].to_owned();
             group.add(key, id, pk_json);
@@ -309,6 +301,17 @@ fn read_row(
         }
     }
     Ok(RedisValue::NoReply)
+}
+
+/// A fill's settings: the table, the client's database, the TTL asked for
+/// (else `default_ttl`) and `negative_ttl`.
+fn fill_plan(settings: &Settings, table: &Arc<TableSchema>, db: i32, ttl: Option<u64>) -> FillPlan {
+    FillPlan {
+        table: table.clone(),
+        db,
+        ttl: ttl.unwrap_or(settings.default_ttl),
+        negative_ttl: settings.negative_ttl,
+    }
 }
 
 /// PGCACHE.MULTIREAD <table> <pk-array> [TTL]
@@ -401,15 +404,7 @@ fn read_rows(
     let batch = Batch::new(slots, missing.len(), replier);
     let mut joined_other_fills = false;
     // All misses of the call, one group: one query.
-    let mut group = FetchGroup::new(
-        FillPlan {
-            table: table.clone(),
-            db,
-            ttl: ttl.unwrap_or(settings.default_ttl),
-            negative_ttl: settings.negative_ttl,
-        },
-        None,
-    );
+    let mut group = FetchGroup::new(fill_plan(&settings, table, db, ttl), None);
     for (first, positions) in missing {
         let key = keys[first].clone();
         match sh.fills.join(
