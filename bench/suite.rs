@@ -669,7 +669,7 @@ fn ping_under_slow_pg(
         None,
     );
     rep.chart.panels.push(BarPanel {
-        title: "PING p99, median of rounds".into(),
+        title: "PING p99, 64 clients waiting 20 ms".into(),
         axis: "ms".into(),
         bars: vec![
             Bar {
@@ -679,13 +679,13 @@ fn ping_under_slow_pg(
                 pgcache: false,
             },
             Bar {
-                name: "BLPOP (control)".into(),
+                name: "BLPOP".into(),
                 value: control99,
                 label: format!("{control99:.3} ms ({control_ratio:.2}x)"),
                 pgcache: false,
             },
             Bar {
-                name: "misses, PG + 20 ms".into(),
+                name: "misses".into(),
                 value: busy99,
                 label: format!("{busy99:.3} ms ({ratio:.2}x)"),
                 pgcache: true,

@@ -728,10 +728,10 @@ fn complete(ctx: &Context, plan: &FillPlan, key: &str, id: FillId, outcome: &Out
                 }
                 None => Ok(()),
             };
+            // No log line per stored fill: formatting it cost the main
+            // thread on every miss, whatever the log level.
             if let Err(e) = stored {
                 ctx.log_warning(&format!("pgcache: could not cache {key}: {e}"));
-            } else {
-                ctx.log_debug(&format!("pgcache: filled {key}"));
             }
         }
         Ok(_) if !finished.cacheable => {
