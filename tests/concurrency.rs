@@ -465,3 +465,59 @@ async fn killed_client_leaves_nothing_behind() {
     assert!(ping(&mut c));
     assert_eq!(read_row(&mut c, "users", r#"{"id":7}"#)["id"], 7);
 }
+
+/// A MULTIREAD that joins another client's fill and starts one of its own
+/// cannot carry its own fill to Redis's main thread (its answer waits for
+/// the other fill too): when its fill runs alone, it is ended from a worker
+/// instead. Every client still gets its rows, in order, and both are cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiread_joining_another_fill_gets_all_its_rows() {
+    let pg = PgServer::start_new();
+    let r = RedisServer::with_pg(&pg, &["pg_query_timeout_ms", "120000"]);
+    let mut admin = r.async_con().await;
+    warm_up(&mut admin).await;
+    let expected = all_users(&pg);
+    let before = stats_async(&mut admin).await;
+
+    let lock = pg.lock_table("users").await;
+    let mut read_con = r.async_con().await;
+    let read = tokio::spawn(async move { aread(&mut read_con, "users", r#"{"id":11}"#).await });
+    wait_for_stat(&mut admin, "fills_in_flight", 1).await;
+    let mut multi_con = r.async_con().await;
+    let multi = tokio::spawn(async move {
+        redis::cmd("PGCACHE.MULTIREAD")
+            .arg("users")
+            .arg(r#"[{"id":12},{"id":11},{"id":5001}]"#)
+            .query_async::<String>(&mut multi_con)
+            .await
+    });
+    wait_for_stat(
+        &mut admin,
+        "coalesced_waits",
+        stat_of(&before, "coalesced_waits") + 1,
+    )
+    .await;
+    lock.release().await;
+
+    let row = read.await.unwrap().unwrap().expect("row 11 exists");
+    assert_eq!(Some(&json(&row)), expected.get(&11));
+    let rows = json(&multi.await.unwrap().unwrap());
+    assert_eq!(
+        rows,
+        Value::Array(vec![
+            expected[&12].clone(),
+            expected[&11].clone(),
+            Value::Null
+        ])
+    );
+    let after = stats_async(&mut admin).await;
+    assert_eq!(stat_of(&after, "fills_in_flight"), 0, "{after}");
+    for key in [r#"pg_cache:users:{"id":11}"#, r#"pg_cache:users:{"id":12}"#] {
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{key} cached");
+    }
+}
