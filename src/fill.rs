@@ -581,12 +581,11 @@ const INTERNAL: &str = "pgcache: internal error in a background task";
 /// none will take it (see `pgcache_core::pending`).
 pub fn enqueue(group: FetchGroup) {
     let oid = group.plan.table.oid;
-    let free_connection = state::pg().has_free_connection();
     let start = pending().push(
         oid,
         group.keys.len(),
         group,
-        free_connection,
+        || state::pg().has_free_connection(),
         max_running_fetchers(),
     );
     if start {

@@ -77,8 +77,9 @@ impl<T: Eq + Hash + Clone, G> PendingFetches<T, G> {
     }
 
     /// Queues a group of `keys` keys of `table`; true when the caller must
-    /// start a fetcher for it. `free_connection`: the pool has a connection
-    /// a new fetcher could have at once. `max_running`: fetchers of the
+    /// start a fetcher for it. `free_connection`: whether the pool has a
+    /// connection a new fetcher could have at once (asked only when a
+    /// fetcher is running and none waits). `max_running`: fetchers of the
     /// table that may run at once before a miss waits for one of them to end
     /// its query rather than starting another, free connection or not (when
     /// queries are quick, waiting for one costs less than a new fetcher).
@@ -88,13 +89,14 @@ impl<T: Eq + Hash + Clone, G> PendingFetches<T, G> {
         table: T,
         keys: usize,
         group: G,
-        free_connection: bool,
+        free_connection: impl FnOnce() -> bool,
         max_running: usize,
     ) -> bool {
         let queue = self.queue(table);
         queue.groups.push_back(Queued { keys, group });
-        let running_will_do =
-            queue.running > 0 && (!free_connection || queue.running >= max_running);
+        let running_will_do = queue.running > 0
+            && !queue.waiting
+            && (queue.running >= max_running || !free_connection());
         if queue.waiting || running_will_do {
             return false;
         }
@@ -198,25 +200,28 @@ mod tests {
     fn one_waiting_fetcher_per_table_takes_everything_queued_in_order() {
         let mut p = PendingFetches::new();
         assert!(
-            p.push("a", 1, 1, true, 8),
+            p.push("a", 1, 1, || true, 8),
             "first miss of a table starts a fetcher"
         );
         assert!(
-            p.push("b", 1, 10, true, 8),
+            p.push("b", 1, 10, || true, 8),
             "tables have their own fetchers"
         );
-        assert!(!p.push("a", 1, 2, true, 8), "a fetcher is already waiting");
-        assert!(!p.push("a", 3, 3, true, 8));
+        assert!(
+            !p.push("a", 1, 2, || true, 8),
+            "a fetcher is already waiting"
+        );
+        assert!(!p.push("a", 3, 3, || true, 8));
         let t = p.take(&"a", 100, any);
         assert!(!t.start_fetcher);
         assert_eq!(t.groups, vec![1, 2, 3]);
         assert_eq!(p.len(), 1);
         // While that query runs: a free connection gets a new fetcher...
-        assert!(p.push("a", 1, 4, true, 8));
+        assert!(p.push("a", 1, 4, || true, 8));
         assert_eq!(p.take(&"a", 100, any).groups, vec![4]);
         // ...a busy pool leaves the miss to a running fetcher, which goes on
         // as the waiting one when its query ends.
-        assert!(!p.push("a", 1, 5, false, 8));
+        assert!(!p.push("a", 1, 5, || false, 8));
         assert!(p.finished(&"a"), "misses queued: go on");
         assert!(!p.finished(&"a"), "the other one is done");
         assert_eq!(p.take(&"a", 100, any).groups, vec![5]);
@@ -231,23 +236,23 @@ mod tests {
     fn quick_queries_make_misses_wait_for_a_running_fetcher() {
         let mut p = PendingFetches::new();
         for g in 0..2 {
-            assert!(p.push(0, 1, g, true, 2));
+            assert!(p.push(0, 1, g, || true, 2));
             let _ = p.take(&0, 100, any);
         }
         // Two running, a free connection, but at most 2 may run: wait.
-        assert!(!p.push(0, 1, 2, true, 2));
+        assert!(!p.push(0, 1, 2, || true, 2));
         assert!(p.finished(&0), "the first to end takes it");
         assert_eq!(p.take(&0, 100, any).groups, vec![2]);
         // With a higher limit the free connection is used at once.
-        assert!(p.push(0, 1, 3, true, 8));
+        assert!(p.push(0, 1, 3, || true, 8));
     }
 
     #[test]
     fn stops_at_the_key_limit_but_never_splits_or_skips_a_group() {
         let mut p = PendingFetches::new();
-        assert!(p.push(0, 400, 1, true, 8));
+        assert!(p.push(0, 400, 1, || true, 8));
         for (keys, g) in [(200, 2), (50, 3), (1000, 4)] {
-            assert!(!p.push(0, keys, g, true, 8));
+            assert!(!p.push(0, keys, g, || true, 8));
         }
         // 400 + 200 > 500: the second group waits (no skipping ahead to 3),
         // and a fetcher must be started for it.
@@ -255,7 +260,7 @@ mod tests {
         assert_eq!(t.groups, vec![1]);
         assert!(t.start_fetcher);
         assert!(
-            !p.push(0, 1, 5, true, 8),
+            !p.push(0, 1, 5, || true, 8),
             "the new fetcher is due: no third one"
         );
         let t = p.take(&0, 500, any);
@@ -278,7 +283,7 @@ mod tests {
     fn incompatible_groups_wait_for_a_query_of_their_own() {
         let mut p = PendingFetches::new();
         for g in [1u32, 3, 2, 5] {
-            let _ = p.push(0, 1, g, true, 8);
+            let _ = p.push(0, 1, g, || true, 8);
         }
         let same_parity = |a: &u32, b: &u32| a % 2 == b % 2;
         assert_eq!(p.take(&0, 100, same_parity).groups, vec![1, 3]);
@@ -289,20 +294,20 @@ mod tests {
     #[test]
     fn a_dead_fetcher_leaves_no_group_without_one() {
         let mut p = PendingFetches::new();
-        assert!(p.push(0, 1, 1, true, 8));
+        assert!(p.push(0, 1, 1, || true, 8));
         let _ = p.take(&0, 100, any);
-        assert!(!p.push(0, 1, 2, false, 8), "left to the running fetcher");
+        assert!(!p.push(0, 1, 2, || false, 8), "left to the running fetcher");
         // It dies: nobody else will take group 2, so it is handed back.
         assert_eq!(p.fetcher_died(&0, true), vec![2]);
         assert!(p.is_empty());
         // A fetcher dying while another one waits hands nothing back.
-        assert!(p.push(0, 1, 3, true, 8));
+        assert!(p.push(0, 1, 3, || true, 8));
         let _ = p.take(&0, 100, any);
-        assert!(p.push(0, 1, 4, true, 8));
+        assert!(p.push(0, 1, 4, || true, 8));
         assert_eq!(p.fetcher_died(&0, true), Vec::<u32>::new());
         assert_eq!(p.take(&0, 100, any).groups, vec![4]);
         // One dying while waiting.
-        assert!(p.push(1, 1, 5, true, 8));
+        assert!(p.push(1, 1, 5, || true, 8));
         assert_eq!(p.fetcher_died(&1, false), vec![5]);
     }
 
@@ -332,7 +337,10 @@ mod tests {
                             0,
                             1 + (next() % 5) as usize,
                             pushed,
-                            next() % 2 == 0,
+                            {
+                                let free = next() % 2 == 0;
+                                move || free
+                            },
                             1 + (next() % 3) as usize,
                         ) {
                             waiting += 1;
