@@ -221,7 +221,7 @@ unsafe extern "C" fn free_unblocked(
             // The client's answer has nowhere to go now.
             let _ = carrier.take_answer();
             if !work.is_empty() {
-                state::runtime().spawn(async move { complete_each(work) });
+                state::runtime().spawn(async move { complete_groups(work) });
             }
         }
     }));
@@ -233,25 +233,13 @@ unsafe extern "C" fn free_unblocked(
 fn end_on_main_thread(ctx: &Context, work: Vec<(FetchGroup, Rows)>) {
     let client_db = cache::selected_db(ctx);
     for (group, rows) in work {
-        let mut rows = rows.map(Vec::into_iter);
-        for (key, id) in &group.keys {
-            let one: Outcome = match &mut rows {
-                Ok(rows) => Ok(rows.next().flatten()),
-                Err(e) => Err(e.clone()),
-            };
+        for (key, id, one) in key_outcomes(&group, rows) {
             let _ = catch_unwind(AssertUnwindSafe(|| {
-                complete(ctx, &group.plan, key, *id, &one)
+                complete(ctx, &group.plan, key, id, &one)
             }));
         }
     }
     cache::select_db(ctx, client_db);
-}
-
-/// `complete_groups` for groups with rows of their own.
-fn complete_each(work: Vec<(FetchGroup, Rows)>) {
-    for (group, rows) in work {
-        complete_groups(vec![group], rows);
-    }
 }
 
 /// How a client's command answers: now, or through its blocked client.
@@ -516,13 +504,13 @@ impl Taken {
         let mut carrier: Option<Carrier> = None;
         // Groups not handed over yet stay in `self` (or in `work`, which
         // ends them below), for Drop to answer should this task die.
-        while let Some(group) = self.0.pop_front() {
+        while let Some(mut group) = self.0.pop_front() {
             let group_rows = match &mut rows {
                 Ok(rows) => Ok(rows.by_ref().take(group.keys.len()).collect()),
                 Err(e) => Err(e.clone()),
             };
             if carrier.is_none() {
-                carrier = group.carrier.as_ref().map(|c| Carrier(c.0.clone()));
+                carrier = group.carrier.take();
             }
             work.push((group, group_rows));
             if work.len() < HANDOFF_CHUNK || carrier.is_none() {
@@ -549,7 +537,7 @@ fn hand_off_or_end(
         return;
     }
     let Some(carrier) = carrier else {
-        return complete_each(work);
+        return complete_groups(work);
     };
     let completion = Completion {
         carrier,
@@ -557,17 +545,14 @@ fn hand_off_or_end(
         _paced: paced,
     };
     if let Err(back) = completion.hand_off() {
-        complete_each(back.work);
+        complete_groups(back.work);
     }
 }
 
 impl Drop for Taken {
     fn drop(&mut self) {
         if !self.0.is_empty() {
-            complete_groups(
-                std::mem::take(&mut self.0).into(),
-                Err(INTERNAL.to_string()),
-            );
+            complete_groups(failed(self.0.drain(..)));
         }
     }
 }
@@ -606,7 +591,7 @@ fn start_fetcher(oid: u32) {
             // an error (groups it took answer through `Taken`'s Drop).
             let orphans = pending().fetcher_died(&oid, running.load(Ordering::Acquire));
             if !orphans.is_empty() {
-                complete_groups(orphans, Err(INTERNAL.to_string()));
+                complete_groups(failed(orphans));
             }
         }
     });
@@ -673,19 +658,12 @@ const COMPLETIONS_PER_LOCK: usize = 16;
 /// lock: the fallback when no blocked client can carry them to the main
 /// thread (see `Taken::complete`), and the error path of a dead task. Each
 /// key is ended on its own: a panic in one leaves the others' fills correct.
-fn complete_groups(groups: Vec<FetchGroup>, outcome: Result<Vec<Option<String>>, String>) {
-    let mut rows = match outcome {
-        Ok(rows) => Ok(rows.into_iter()),
-        Err(e) => Err(e),
-    };
+fn complete_groups(work: Vec<(FetchGroup, Rows)>) {
+    let (groups, rows): (Vec<FetchGroup>, Vec<Rows>) = work.into_iter().unzip();
     let mut ends: Vec<(&FillPlan, &str, FillId, Outcome)> = Vec::new();
-    for group in &groups {
-        for (key, id) in &group.keys {
-            let one: Outcome = match &mut rows {
-                Ok(rows) => Ok(rows.next().flatten()),
-                Err(e) => Err(e.clone()),
-            };
-            ends.push((&group.plan, key, *id, one));
+    for (group, rows) in groups.iter().zip(rows) {
+        for (key, id, one) in key_outcomes(group, rows) {
+            ends.push((&group.plan, key, id, one));
         }
     }
     for (i, chunk) in ends.chunks(COMPLETIONS_PER_LOCK).enumerate() {
@@ -700,6 +678,31 @@ fn complete_groups(groups: Vec<FetchGroup>, outcome: Result<Vec<Option<String>>,
             }
         });
     }
+}
+
+/// Each key of `group` with its fill's outcome: its row from `rows`
+/// (aligned with the keys; `None` where no row has the key), or the error.
+/// The rows are moved out, not copied.
+fn key_outcomes(
+    group: &FetchGroup,
+    rows: Rows,
+) -> impl Iterator<Item = (&str, FillId, Outcome)> + '_ {
+    let mut rows = rows.map(Vec::into_iter);
+    group.keys.iter().map(move |(key, id)| {
+        let one = match &mut rows {
+            Ok(rows) => Ok(rows.next().flatten()),
+            Err(e) => Err(e.clone()),
+        };
+        (key.as_str(), *id, one)
+    })
+}
+
+/// `groups`, each with the same error.
+fn failed(groups: impl IntoIterator<Item = FetchGroup>) -> Vec<(FetchGroup, Rows)> {
+    groups
+        .into_iter()
+        .map(|g| (g, Err(INTERNAL.to_string())))
+        .collect()
 }
 
 fn record_latency(started: Instant) {
