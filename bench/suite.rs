@@ -566,10 +566,11 @@ enum PingLoad {
     Blpop,
 }
 
-/// PING round trips (ms) for 3 s while 64 clients run `load`; returns them
-/// with the reads done and errors.
+/// PING round trips (ms) on `pinged` for 3 s while 64 clients run `load` on
+/// `slow`; returns them with the reads done and errors.
 fn pings_under(
     slow: &RedisServer,
+    pinged: &RedisServer,
     rt: &tokio::runtime::Runtime,
     load: PingLoad,
     seed: u64,
@@ -608,7 +609,7 @@ fn pings_under(
         v
     });
     std::thread::sleep(Duration::from_millis(300));
-    let pings = pings_for(slow, Duration::from_secs(3));
+    let pings = pings_for(pinged, Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
         for t in tasks {
@@ -623,38 +624,56 @@ fn pings_under(
 }
 
 /// PING p99 while 64 clients miss against a PostgreSQL slowed by 20 ms, and
-/// while the same clients wait in BLPOP instead (the machine's floor).
+/// while the same clients wait in BLPOP instead (the machine's floor with
+/// the same reply traffic). A bystander, a second redis-server with no
+/// module and no other client, is PINGed during the same misses: its p99 is
+/// what the load does to a PING whose server has nothing else to do (the two
+/// cores shared with PostgreSQL, the workers and the load generator), as
+/// against what the loaded server's own work adds.
 fn ping_under_slow_pg(
     slow: &RedisServer,
     proxy: &DelayProxy,
     rt: &tokio::runtime::Runtime,
     rep: &mut Report,
 ) {
+    let bystander = RedisServer::start_plain();
     let (mut idle, mut busy, mut control, mut ratios, mut control_ratios) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut bystander_busy, mut bystander_ratios) = (vec![], vec![]);
     let (mut pings, mut done_total, mut errors_total, mut blpops) = (0, 0, 0, 0);
     for round in 0..ROUNDS as u64 {
         proxy.set_delay_ms(0);
         let i99 = percentile(pings_for(slow, Duration::from_secs(2)), 0.99);
+        let bi99 = percentile(pings_for(&bystander, Duration::from_secs(2)), 0.99);
         proxy.set_delay_ms(20);
-        let (b, done, errors) = pings_under(slow, rt, PingLoad::Misses, 1000 * (round + 1));
+        let seed = 1000 * (round + 1);
+        let (b, done, errors) = pings_under(slow, slow, rt, PingLoad::Misses, seed);
+        let (bb, _, _) = pings_under(slow, &bystander, rt, PingLoad::Misses, seed);
         proxy.set_delay_ms(0);
-        let (cb, control_done, _) = pings_under(slow, rt, PingLoad::Blpop, 0);
+        let (cb, control_done, _) = pings_under(slow, slow, rt, PingLoad::Blpop, 0);
         pings += b.len();
         done_total += done;
         errors_total += errors;
         blpops += control_done;
-        let (b99, c99) = (percentile(b, 0.99), percentile(cb, 0.99));
+        let (b99, c99, bb99) = (
+            percentile(b, 0.99),
+            percentile(cb, 0.99),
+            percentile(bb, 0.99),
+        );
         ratios.push(b99 / i99);
         control_ratios.push(c99 / i99);
+        bystander_ratios.push(bb99 / bi99);
         idle.push(i99);
         busy.push(b99);
         control.push(c99);
+        bystander_busy.push(bb99);
     }
     let (idle, busy99, control99) = (median(idle), median(busy), median(control));
+    let bystander99 = median(bystander_busy);
     let per_round = rounds(&ratios);
     let ratio = median(ratios);
     let control_ratio = median(control_ratios.clone());
+    let bystander_ratio = median(bystander_ratios.clone());
     rep.add(
         "PING p99, 64 clients missing against PostgreSQL + 20 ms / idle",
         format!("{ratio:.2}x ({busy99:.3} ms vs {idle:.3} ms idle; {per_round})"),
@@ -667,6 +686,16 @@ fn ping_under_slow_pg(
             "{control_ratio:.2}x ({control99:.3} ms; {}); misses / control: {:.2}x",
             rounds(&control_ratios),
             busy99 / control99
+        ),
+        "reported",
+        None,
+    );
+    rep.add(
+        "bystander: PING p99 of a second redis-server (no module, no other client) during the misses / its idle p99",
+        format!(
+            "{bystander_ratio:.2}x ({bystander99:.3} ms; {}); misses / bystander: {:.2}x",
+            rounds(&bystander_ratios),
+            busy99 / bystander99
         ),
         "reported",
         None,
@@ -685,6 +714,12 @@ fn ping_under_slow_pg(
                 name: "BLPOP".into(),
                 value: control99,
                 label: format!("{control99:.3} ms ({control_ratio:.2}x)"),
+                pgcache: false,
+            },
+            Bar {
+                name: "bystander".into(),
+                value: bystander99,
+                label: format!("{bystander99:.3} ms ({bystander_ratio:.2}x)"),
                 pgcache: false,
             },
             Bar {

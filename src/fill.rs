@@ -153,8 +153,9 @@ type Rows = Result<Vec<Option<String>>, String>;
 struct Completion {
     carrier: Carrier,
     work: Vec<(FetchGroup, Rows)>,
-    /// Dropped (so its receiver wakes) once Redis has run this completion.
-    _paced: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The chunk's turn with the main thread, released (so the next chunk
+    /// goes) when Redis has run this completion.
+    _turn: Option<tokio::sync::SemaphorePermit<'static>>,
 }
 
 impl Completion {
@@ -489,9 +490,10 @@ impl Taken {
     /// groups at a time, carried by the first client among them that can
     /// carry (see `Carrier`): one wake-up of the main thread per chunk, which
     /// then ends every fill of the chunk and answers every waiting client in
-    /// one pass. The next chunk is handed over once Redis has run the
-    /// previous one, so a query of hundreds of keys never makes Redis write
-    /// hundreds of replies before it answers other clients.
+    /// one pass. Each chunk waits for its turn (`HANDOFF_TURN`): one chunk is
+    /// with the main thread at a time, whichever query it comes from, so
+    /// queries ending together, or one of hundreds of keys, never make Redis
+    /// store and answer more than a chunk before it serves other clients.
     async fn complete(mut self, outcome: Rows, schema_changed: bool) {
         if schema_changed {
             if let Some(g) = self.0.front() {
@@ -500,38 +502,42 @@ impl Taken {
             }
         }
         let mut rows = outcome.map(Vec::into_iter);
-        let mut work: Vec<(FetchGroup, Rows)> = Vec::new();
-        let mut carrier: Option<Carrier> = None;
-        // Groups not handed over yet stay in `self` (or in `work`, which
-        // ends them below), for Drop to answer should this task die.
-        while let Some(mut group) = self.0.pop_front() {
-            let group_rows = match &mut rows {
-                Ok(rows) => Ok(rows.by_ref().take(group.keys.len()).collect()),
-                Err(e) => Err(e.clone()),
-            };
-            if carrier.is_none() {
-                carrier = group.carrier.take();
+        // Groups wait in `self` for their turn, for Drop to answer should
+        // this task die.
+        while !self.0.is_empty() {
+            let turn = HANDOFF_TURN.acquire().await.ok();
+            let mut work: Vec<(FetchGroup, Rows)> = Vec::new();
+            let mut carrier: Option<Carrier> = None;
+            while let Some(mut group) = self.0.pop_front() {
+                let group_rows = match &mut rows {
+                    Ok(rows) => Ok(rows.by_ref().take(group.keys.len()).collect()),
+                    Err(e) => Err(e.clone()),
+                };
+                if carrier.is_none() {
+                    carrier = group.carrier.take();
+                }
+                work.push((group, group_rows));
+                if work.len() >= HANDOFF_CHUNK && carrier.is_some() {
+                    break;
+                }
             }
-            work.push((group, group_rows));
-            if work.len() < HANDOFF_CHUNK || carrier.is_none() {
-                continue;
-            }
-            let (tx, ran) = tokio::sync::oneshot::channel();
-            let paced = (!self.0.is_empty()).then_some(tx);
-            hand_off_or_end(carrier.take(), std::mem::take(&mut work), paced);
-            // Whatever becomes of the completion drops the sender.
-            let _ = ran.await;
+            hand_off_or_end(carrier, work, turn);
         }
-        hand_off_or_end(carrier, work, None);
     }
 }
 
+/// The turn of one chunk of completed groups (see `Taken::complete`): held
+/// until Redis's main thread has run the chunk, or until the worker that
+/// could not hand it over has ended it.
+static HANDOFF_TURN: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 /// Hands `work` to Redis's main thread through `carrier`; without one (or
-/// if it cannot carry), ends it from here under Redis's lock.
+/// if it cannot carry), ends it from here under Redis's lock. `turn` is
+/// released once the work is done.
 fn hand_off_or_end(
     carrier: Option<Carrier>,
     work: Vec<(FetchGroup, Rows)>,
-    paced: Option<tokio::sync::oneshot::Sender<()>>,
+    turn: Option<tokio::sync::SemaphorePermit<'static>>,
 ) {
     if work.is_empty() {
         return;
@@ -542,7 +548,7 @@ fn hand_off_or_end(
     let completion = Completion {
         carrier,
         work,
-        _paced: paced,
+        _turn: turn,
     };
     if let Err(back) = completion.hand_off() {
         complete_groups(back.work);
