@@ -527,8 +527,9 @@ impl Taken {
 }
 
 /// The turn of one chunk of completed groups (see `Taken::complete`): held
-/// until Redis's main thread has run the chunk, or until the worker that
-/// could not hand it over has ended it.
+/// until Redis's main thread has run the chunk or freed it (a carrier that
+/// disconnected: its fills are then ended by a worker, outside the turn),
+/// or until the worker that could not hand it over has ended it.
 static HANDOFF_TURN: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// Hands `work` to Redis's main thread through `carrier`; without one (or
