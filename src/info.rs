@@ -1,28 +1,45 @@
-//! `INFO pgcache` and `PGCACHE.STATS`: the same numbers.
+//! `INFO pgcache` and `PGCACHE.STATS`: the same figures.
 
-use crate::state::{self, shared, STATS};
+use crate::catalog;
+use crate::entries;
+use crate::runtime;
+use crate::stats::{get, STATS};
 use redis_module::InfoContext;
-use std::sync::atomic::Ordering;
 
-/// Every figure, as (name, value).
-fn figures() -> Vec<(&'static str, i64)> {
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
-    let (fills_in_flight, catalog_tables) = {
-        let sh = shared();
-        (sh.fills.in_flight() as i64, sh.catalog_len() as i64)
-    };
+/// Every numeric figure, as (name, value). In a crash report, figures
+/// behind a lock are left out (the crashing thread may hold it).
+fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
+    let n = |a: &std::sync::atomic::AtomicU64| get(a) as i64;
     let mut out = vec![
-        ("hits", load(&STATS.hits)),
-        ("misses", load(&STATS.misses)),
-        ("not_found", load(&STATS.not_found)),
-        ("fills_in_flight", fills_in_flight),
-        ("coalesced_waits", load(&STATS.coalesced_waits)),
-        ("busy_rejections", load(&STATS.busy_rejections)),
-        ("stale_fills_discarded", load(&STATS.stale_fills_discarded)),
-        ("fill_errors", load(&STATS.fill_errors)),
-        ("writes", load(&STATS.writes)),
-        ("invalidations", load(&STATS.invalidations)),
-        ("catalog_tables", catalog_tables),
+        ("hits", n(&STATS.hits)),
+        ("misses", n(&STATS.misses)),
+        ("not_found", n(&STATS.not_found)),
+    ];
+    if !for_crash_report {
+        out.push(("fills_in_flight", entries::fills_in_flight() as i64));
+    }
+    out.extend([
+        ("coalesced_waits", n(&STATS.coalesced_waits)),
+        ("busy_rejections", n(&STATS.busy_rejections)),
+        ("stale_fills_discarded", n(&STATS.stale_fills_discarded)),
+        ("fill_errors", n(&STATS.fill_errors)),
+        ("fills_uncached_gap", n(&STATS.fills_uncached_gap)),
+        ("fills_uncached_oom", n(&STATS.fills_uncached_oom)),
+        ("fills_reaped", n(&STATS.fills_reaped)),
+        ("blocked_timeouts", n(&STATS.blocked_timeouts)),
+        ("completion_chunks", n(&STATS.completion_chunks)),
+        ("writes", n(&STATS.writes)),
+        ("invalidations", n(&STATS.invalidations)),
+    ]);
+    if !for_crash_report {
+        out.push(("catalog_tables", catalog::len() as i64));
+        out.push((
+            "catalog_lookups_in_flight",
+            catalog::lookups_in_flight() as i64,
+        ));
+    }
+    out.extend([
+        ("catalog_lookups", n(&STATS.catalog_lookups)),
         (
             "fill_latency_p50_us",
             STATS.fill_latency.quantile(0.5) as i64,
@@ -32,54 +49,77 @@ fn figures() -> Vec<(&'static str, i64)> {
             STATS.fill_latency.quantile(0.99) as i64,
         ),
         ("fill_latency_max_us", STATS.fill_latency.max() as i64),
-    ];
-    let l = &*crate::invalidation::LISTENER_STATS;
-    out.extend([
-        ("notifications_received", load(&l.notifications_received)),
-        ("notifications_ignored", load(&l.notifications_ignored)),
-        ("entries_invalidated", load(&l.entries_invalidated)),
-        ("listener_reconnects", load(&l.reconnects)),
-        ("flushes", load(&l.flushes)),
+        ("notifications_received", n(&STATS.notifications_received)),
+        ("notifications_ignored", n(&STATS.notifications_ignored)),
         (
-            "gap_flush_running",
-            i64::from(!crate::invalidation::entries_trusted()),
+            "notification_queue_overflows",
+            n(&STATS.notification_queue_overflows),
         ),
+        ("entries_invalidated", n(&STATS.entries_invalidated)),
+        ("listener_reconnects", n(&STATS.listener_reconnects)),
+        ("flushes", n(&STATS.flushes)),
     ]);
-    if let Some(pg) = state::pg_if_ready() {
-        let s = &pg.stats;
-        let queries = load(&s.queries);
-        let (max_size, open, in_use) = pg.pool_status();
+    if let Some((phase, trusted, fresh)) = entries::trust_figures(for_crash_report) {
         out.extend([
-            ("pg_queries", queries),
-            ("pg_errors", load(&s.errors)),
-            ("timeouts", load(&s.timeouts)),
-            ("pool_size", max_size as i64),
-            ("pool_connections", open as i64),
-            ("pool_in_use", in_use as i64),
+            (
+                "gap_flush_running",
+                i64::from(matches!(phase, pgcache_core::trust::Phase::Flushing(_))),
+            ),
+            ("entries_trusted", i64::from(trusted)),
+            ("gap_fresh_entries", fresh as i64),
         ]);
+    }
+    if !for_crash_report {
+        if let Some(pg) = runtime::pg_if_ready() {
+            let s = &pg.stats;
+            let (max_size, open, in_use) = pg.pool_status();
+            out.extend([
+                ("pg_queries", n(&s.queries)),
+                ("pg_errors", n(&s.errors)),
+                ("timeouts", n(&s.timeouts)),
+                ("pool_size", max_size as i64),
+                ("pool_connections", open as i64),
+                ("pool_in_use", in_use as i64),
+            ]);
+        }
+    }
+    out
+}
+
+/// The text figures, as (name, value).
+fn texts(for_crash_report: bool) -> Vec<(&'static str, String)> {
+    let mut out = vec![("listener", entries::listener_name().to_owned())];
+    if let Some((phase, _, _)) = entries::trust_figures(for_crash_report) {
+        out.push(("trust_state", phase.name().to_owned()));
+    }
+    if !for_crash_report {
+        out.push(("listener_last_error", entries::listener_error()));
     }
     out
 }
 
 pub fn stats_json() -> String {
-    let mut map: serde_json::Map<String, serde_json::Value> = figures()
+    let mut map: serde_json::Map<String, serde_json::Value> = figures(false)
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.into()))
         .collect();
-    map.insert(
-        "listener".into(),
-        crate::invalidation::listener_state_name().into(),
-    );
+    for (k, v) in texts(false) {
+        map.insert(k.to_owned(), v.into());
+    }
     serde_json::Value::Object(map).to_string()
 }
 
 #[allow(deprecated)] // the builder cannot name the section after the module alone
-pub fn add_info(ctx: &InfoContext, _for_crash_report: bool) {
+pub fn add_info(ctx: &InfoContext, for_crash_report: bool) {
     // Called on the main thread; a panic here would abort Redis.
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         ctx.add_info_section(None);
-        ctx.add_info_field_str("listener", crate::invalidation::listener_state_name());
-        for (name, value) in figures() {
+        for (name, value) in texts(for_crash_report) {
+            // INFO lines cannot hold CR or LF.
+            let value = value.replace(['\r', '\n'], " ");
+            ctx.add_info_field_str(name, &value);
+        }
+        for (name, value) in figures(for_crash_report) {
             ctx.add_info_field_long_long(name, value);
         }
     }));

@@ -6,7 +6,8 @@
 //! a module that reads as `tls_only` is talking TLS. The refusals are tried
 //! as `postgres`, whom the server accepts in plain text too, so an answer
 //! there would mean a fall back to plain text. `pg_stat_ssl` shows what
-//! each of the module's sessions (application_name `pgcache`) really uses.
+//! each of the module's sessions (application_name `pgcache`, or `pgcache
+//! listener` for the listener) really uses.
 
 mod common;
 
@@ -153,12 +154,13 @@ fn args(pg: &PgServer, host: &str, user: &str, extra: &[&str]) -> Vec<String> {
     a
 }
 
-/// `pid:ssl:query` of the module's sessions as `user`.
+/// `pid:ssl:application_name:query` of the module's sessions as `user`
+/// (the fill pool's are `pgcache`, the listener's `pgcache listener`).
 fn module_sessions(pg: &PgServer, user: &str) -> Vec<String> {
     pg.query_texts(&format!(
-        "SELECT a.pid || ':' || s.ssl || ':' || coalesce(a.query, '') \
+        "SELECT a.pid || ':' || s.ssl || ':' || a.application_name || ':' || coalesce(a.query, '') \
          FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
-         WHERE a.application_name = 'pgcache' AND a.usename = '{user}' ORDER BY a.pid"
+         WHERE a.application_name LIKE 'pgcache%' AND a.usename = '{user}' ORDER BY a.pid"
     ))
     .into_iter()
     .flatten()
@@ -170,7 +172,7 @@ fn module_sessions(pg: &PgServer, user: &str) -> Vec<String> {
 fn wait_no_module_sessions(pg: &PgServer) {
     wait_until("the previous module's sessions are gone", || {
         let left = pg.query_texts(
-            "SELECT pid::text FROM pg_stat_activity WHERE application_name = 'pgcache'",
+            "SELECT pid::text FROM pg_stat_activity WHERE application_name LIKE 'pgcache%'",
         );
         if left.is_empty() {
             Ok(())
@@ -230,7 +232,7 @@ fn verify_full_checks_the_chain_and_the_host_name_and_never_falls_back() {
         assert_reads_with_tls(&pg, &r, TLS_ONLY, true, "verify-full, right CA");
         let listen: Vec<String> = module_sessions(&pg, TLS_ONLY)
             .into_iter()
-            .filter(|s| s.to_uppercase().contains(":LISTEN"))
+            .filter(|s| s.contains(":pgcache listener:"))
             .collect();
         assert_eq!(listen.len(), 1, "one LISTEN session: {listen:?}");
         assert!(listen[0].contains(":true:"), "LISTEN over TLS: {listen:?}");

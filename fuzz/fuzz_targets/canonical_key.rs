@@ -1,13 +1,15 @@
 //! Key canonicalisation: the hit path's `push_canonical_pk` must agree with
 //! the full parser `canonical_pk` on every input (same text, or the same
-//! error with the buffer left as it was), and a canonical key must
-//! canonicalise to itself.
+//! error with the buffer left as it was), a canonical key must
+//! canonicalise to itself, and flushes must recognise every key pgcache
+//! writes as one of its entries (`pgcache_core::entry`).
 //!
 //! Input: byte 0 picks 1..=3 primary-key columns, then two bytes per column
 //! (kind, name from a small pool); the rest is the pk argument.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use pgcache_core::entry::{is_canonical_pk_of, parse_entry_key};
 use pgcache_core::{canonical_pk, push_canonical_pk, PkColumn, PkKind, TableSchema};
 
 const KINDS: [PkKind; 8] = [
@@ -66,6 +68,8 @@ fuzz_target!(|data: &[u8]| {
         });
     }
     let table = TableSchema::new(1, "public", "t", pk);
+    // Any bytes: recognising entries never panics.
+    let _ = parse_entry_key(raw);
 
     let slow = canonical_pk(&table, raw);
     let mut out = String::from(PREFIX);
@@ -98,5 +102,11 @@ fuzz_target!(|data: &[u8]| {
         let mut out = String::new();
         push_canonical_pk(&mut out, &table, c.json.as_bytes()).unwrap();
         assert_eq!(out, c.json);
+        // A flush recognises the entry as the table's.
+        let key = format!("t:{}", c.json);
+        let entry = parse_entry_key(key.as_bytes())
+            .unwrap_or_else(|| panic!("entry {key:?} not recognised"));
+        assert_eq!((entry.table, entry.pk), ("t", c.json.as_str()));
+        assert!(is_canonical_pk_of(&table, entry.pk), "{key:?}");
     }
 });

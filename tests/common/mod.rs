@@ -730,7 +730,7 @@ impl RedisServer {
     }
 
     pub fn try_start<S: AsRef<str>>(module_args: &[S]) -> Start {
-        Self::launch(Some(&module_path()), module_args, &[])
+        Self::launch(Some(&module_path()), module_args, &[], &[])
     }
 
     /// Start with the module and these module arguments, plus redis-server
@@ -741,7 +741,21 @@ impl RedisServer {
         module_args: &[S],
         server_args: &[&str],
     ) -> RedisServer {
-        match Self::launch(Some(&module_path()), module_args, server_args) {
+        match Self::launch(Some(&module_path()), module_args, server_args, &[]) {
+            Start::Up(r) => r,
+            Start::Refused(log) => {
+                panic!(
+                    "redis-server with pgcache did not start; log:\n{}",
+                    tail(&log, 40)
+                )
+            }
+        }
+    }
+
+    /// Start with the module, these module arguments and these variables
+    /// in redis-server's environment (e.g. `PGCACHE_TEST_FAULTS`).
+    pub fn start_with_env<S: AsRef<str>>(module_args: &[S], env: &[(&str, &str)]) -> RedisServer {
+        match Self::launch(Some(&module_path()), module_args, &[], env) {
             Start::Up(r) => r,
             Start::Refused(log) => {
                 panic!(
@@ -754,7 +768,7 @@ impl RedisServer {
 
     /// A plain redis-server without the module (to check the harness).
     pub fn start_plain() -> RedisServer {
-        match Self::launch::<&str>(None, &[], &[]) {
+        match Self::launch::<&str>(None, &[], &[], &[]) {
             Start::Up(r) => r,
             Start::Refused(log) => panic!("plain redis-server did not start:\n{log}"),
         }
@@ -764,6 +778,7 @@ impl RedisServer {
         module: Option<&Path>,
         module_args: &[S],
         server_args: &[&str],
+        env: &[(&str, &str)],
     ) -> Start {
         let mut last = String::new();
         for _ in 0..5 {
@@ -792,7 +807,8 @@ impl RedisServer {
                     cmd.arg(a.as_ref());
                 }
             }
-            cmd.stdin(Stdio::null())
+            cmd.envs(env.iter().copied())
+                .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             die_with_parent(&mut cmd);
@@ -1488,12 +1504,13 @@ pub fn stat_str(stats: &Value, name: &str) -> String {
         .to_string()
 }
 
-/// pids of the backends whose last statement was a LISTEN: the listener
-/// connections of the modules talking to `pg`.
+/// pids of the listener connections of the modules talking to `pg`: named
+/// `pgcache listener`, or (older builds) whose last statement was a LISTEN.
 pub fn listen_session_pids(pg: &PgServer) -> Vec<String> {
     pg.query_texts(
         "SELECT pid::text FROM pg_stat_activity \
-         WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid() ORDER BY pid",
+         WHERE (application_name = 'pgcache listener' OR query ILIKE 'LISTEN%') \
+         AND pid <> pg_backend_pid() ORDER BY pid",
     )
     .into_iter()
     .flatten()

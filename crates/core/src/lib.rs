@@ -6,6 +6,7 @@
 //! coalesces fills and keeps invalidated fills from being cached.
 
 pub mod args;
+pub mod entry;
 pub mod event;
 pub mod fastkey;
 pub mod fills;
@@ -17,14 +18,15 @@ pub mod pending;
 pub mod schema;
 pub mod settings;
 pub mod sql;
+pub mod trust;
 
 pub use args::{check_table_arg, parse_ttl, ArgError};
 pub use fastkey::{push_canonical_pk, push_canonical_pk_bytes};
-pub use fills::{FillId, FillRegistry, Finished, Join};
+pub use fills::{Db, FillId, FillRegistry, Finished, Join};
 pub use json::json_array;
 pub use key::{
     cache_key, canonical_pk, canonical_pk_value, CanonicalPk, KeyError, NEGATIVE_MARKER,
 };
-pub use pending::{PendingFetches, Taken as TakenFetches};
+pub use pending::PendingFetches;
 pub use schema::{PkColumn, PkKind, TableSchema};
 pub use settings::{EventMask, SettingError, Settings, SslMode};

@@ -53,6 +53,11 @@ pub struct Payload {
     /// The table as `to_regclass` should resolve it: quoted, and qualified
     /// when the payload names its schema.
     pub table: String,
+    /// The payload's `schema`, when it names one (`pgcache_watch`'s
+    /// triggers do; the seed's trigger does not).
+    pub schema: Option<String>,
+    /// The payload's `table`, as the trigger sent it.
+    pub name: String,
     pub operation: Operation,
     /// `old_data` and `new_data`, where present and not null.
     pub rows: Vec<serde_json::Map<String, Value>>,
@@ -73,10 +78,14 @@ pub fn parse_payload(text: &str) -> Result<Payload, PayloadError> {
     if name.is_empty() {
         return Err(PayloadError::NoTable);
     }
-    let table = match obj.remove("schema") {
-        Some(Value::String(schema)) => format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
-        None | Some(Value::Null) => quote_ident(&name),
+    let schema = match obj.remove("schema") {
+        Some(Value::String(schema)) => Some(schema),
+        None | Some(Value::Null) => None,
         Some(_) => return Err(PayloadError::NoTable),
+    };
+    let table = match &schema {
+        Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(&name)),
+        None => quote_ident(&name),
     };
     let operation = match obj.remove("operation") {
         Some(Value::String(op)) => match op.as_str() {
@@ -98,6 +107,8 @@ pub fn parse_payload(text: &str) -> Result<Payload, PayloadError> {
     }
     Ok(Payload {
         table,
+        schema,
+        name,
         operation,
         rows,
     })

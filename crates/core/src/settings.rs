@@ -187,9 +187,40 @@ pub const NAMES: &[&str] = &[
     "max_inflight",
 ];
 
-/// Settings whose change needs a new PostgreSQL connection pool.
-pub fn affects_connection(name: &str) -> bool {
+/// Settings whose change needs a new PostgreSQL connection pool (its size
+/// and timeouts included).
+pub fn rebuilds_pool(name: &str) -> bool {
     name.starts_with("pg_")
+}
+
+/// Settings that change where the invalidation listener connects or what it
+/// listens to: only these restart it (a restart is a gap, which drops the
+/// cache). Timeouts and the pool size apply at its next reconnect.
+pub fn restarts_listener(name: &str) -> bool {
+    matches!(
+        name,
+        "pg_host"
+            | "pg_port"
+            | "pg_database"
+            | "pg_user"
+            | "pg_password"
+            | "pg_password_file"
+            | "pg_url"
+            | "pg_sslmode"
+            | "pg_sslrootcert"
+            | "invalidation_channel"
+    )
+}
+
+/// Characters `cache_prefix` may end with: pgcache owns the keys under the
+/// prefix, so it must end where a word cannot go on (`pg` would also cover
+/// `pg_sessions:...`).
+pub const PREFIX_SEPARATORS: &[char] = &[':', '/', '|', '.', '#'];
+
+/// Whether a `pg_url` carries a password (in its user info or as a
+/// `password` parameter): what `redact_url` would hide.
+pub fn url_has_password(url: &str) -> bool {
+    redact_url(url) != url
 }
 
 fn invalid(name: &str, reason: impl Into<String>) -> SettingError {
@@ -290,7 +321,23 @@ impl Settings {
             "pg_query_timeout_ms" => self.pg_query_timeout_ms = int_in(name, raw, 1, 3_600_000)?,
             "default_ttl" => self.default_ttl = int_in(name, raw, 0, i64::MAX as u64 / 1000)?,
             "negative_ttl" => self.negative_ttl = int_in(name, raw, 0, i64::MAX as u64 / 1000)?,
-            "cache_prefix" => self.cache_prefix = raw.into(),
+            "cache_prefix" => {
+                if raw.is_empty() {
+                    return Err(invalid(
+                        name,
+                        "must not be empty: pgcache owns the keys under it (the default is pg_cache:)",
+                    ));
+                }
+                if !raw.ends_with(PREFIX_SEPARATORS) {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "'{raw}' must end in a separator, one of : / | . # (pgcache owns every key under the prefix; e.g. {raw}:)"
+                        ),
+                    ));
+                }
+                self.cache_prefix = raw.into();
+            }
             "events" => self.events = EventMask::parse(raw).map_err(|r| invalid(name, r))?,
             "events_channel" => {
                 if raw.is_empty() {
@@ -365,6 +412,14 @@ impl Settings {
         self.password_from_file
             .as_deref()
             .unwrap_or(&self.pg_password)
+    }
+
+    /// The safety net of a client blocked on PostgreSQL (a fill or a table
+    /// lookup): its answer is due within one connection and one query, each
+    /// waited for once (the pool) and run once; past twice that and a
+    /// second, the answer is lost and the client gets an error.
+    pub fn answer_deadline_ms(&self) -> u64 {
+        2 * (self.pg_connect_timeout_ms + self.pg_query_timeout_ms) + 1000
     }
 
     /// Whether a table (by key name) may be read through.
@@ -497,6 +552,39 @@ mod tests {
         assert!(err(&["pg_url", "mysql://x"]).contains("'pg_url'"));
         assert!(err(&["pg_password_file", "/nonexistent/pw"]).contains("'pg_password_file'"));
         assert!(err(&["max_batch", "0"]).contains("'max_batch'"));
+    }
+
+    #[test]
+    fn cache_prefix_must_end_in_a_separator() {
+        let mut s = Settings::default();
+        for bad in ["", "pg", "pg_", "cache-"] {
+            let e = s.set("cache_prefix", bad).unwrap_err().to_string();
+            assert!(e.contains("'cache_prefix'"), "{bad:?}: {e}");
+        }
+        assert_eq!(s.cache_prefix, "pg_cache:");
+        for good in ["app:cache:", "x/", "a|", "b.", "c#", ":"] {
+            s.set("cache_prefix", good).unwrap();
+            assert_eq!(s.cache_prefix, good);
+        }
+    }
+
+    #[test]
+    fn which_settings_restart_the_listener() {
+        for name in [
+            "pg_pool_size",
+            "pg_query_timeout_ms",
+            "pg_connect_timeout_ms",
+            "default_ttl",
+        ] {
+            assert!(!restarts_listener(name), "{name}");
+        }
+        for name in ["pg_host", "pg_url", "pg_password", "invalidation_channel"] {
+            assert!(restarts_listener(name), "{name}");
+        }
+        assert!(rebuilds_pool("pg_pool_size") && !rebuilds_pool("events"));
+        assert!(url_has_password("postgresql://u:pw@h/db"));
+        assert!(url_has_password("postgresql://h/db?password=x"));
+        assert!(!url_has_password("postgresql://u@h/db"));
     }
 
     #[test]

@@ -31,8 +31,18 @@ pub struct PgStats {
 /// The pool and its settings; `reconfigure` swaps in a new pool.
 pub struct Pg {
     pool: RwLock<Pool>,
+    /// Catalog lookups share the pool with fills; at most half of it
+    /// (at least one connection) looks tables up at once, so lookups of
+    /// new table spellings never take every connection from fills.
+    lookup_slots: RwLock<Arc<tokio::sync::Semaphore>>,
     query_timeout_ms: AtomicU64,
     pub stats: PgStats,
+}
+
+fn lookup_slots(settings: &Settings) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        (settings.pg_pool_size / 2).max(1),
+    ))
 }
 
 /// Takes a connection out of the pool on drop unless `keep` was called: a
@@ -81,6 +91,7 @@ impl Pg {
     pub fn new(settings: &Settings) -> Result<Pg, PgError> {
         Ok(Pg {
             pool: RwLock::new(build_pool(settings)?),
+            lookup_slots: RwLock::new(lookup_slots(settings)),
             query_timeout_ms: AtomicU64::new(settings.pg_query_timeout_ms),
             stats: PgStats::default(),
         })
@@ -97,6 +108,7 @@ impl Pg {
             pool,
         );
         old.close();
+        *self.lookup_slots.write().unwrap_or_else(|e| e.into_inner()) = lookup_slots(settings);
         Ok(())
     }
 
@@ -181,8 +193,21 @@ impl Pg {
         result
     }
 
-    /// Looks a table up by the name a user gave, as PostgreSQL resolves it.
+    /// Looks a table up by the name a user gave, as PostgreSQL resolves it,
+    /// on a pooled connection (at most half the pool at once, see
+    /// `lookup_slots`; waiting for a slot counts against the query timeout).
     pub async fn resolve_table(&self, name: &str) -> Result<TableSchema, PgError> {
+        let slots = self
+            .lookup_slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let timeout = self.timeout();
+        let _slot = match tokio::time::timeout(timeout, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(PgError::Unavailable("pool closed".into())),
+            Err(_) => return Err(PgError::Timeout(timeout.as_millis() as u64)),
+        };
         let name = name.to_owned();
         self.run(|conn| async move {
             let r = catalog::resolve(conn.client(), &name).await;
