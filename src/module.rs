@@ -106,13 +106,15 @@ fn read_loglevel(ctx: &Context) {
     }
 }
 
-/// Once a second, under Redis's lock: the safety net that ends fills whose
-/// answer is overdue.
+/// Once a second, while fills are in flight, under Redis's lock: the safety
+/// net that ends fills whose answer is overdue.
 fn start_housekeeping() {
     runtime::spawn("housekeeping", async {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = gil::run(|_| fills::reap_overdue(&settings::current())).await;
+            if entries::fills_in_flight() > 0 {
+                let _ = gil::run(|_| fills::reap_overdue(&settings::current())).await;
+            }
         }
     });
 }

@@ -36,10 +36,7 @@ impl Acl {
         let user_name = match user {
             Some(user) => redis_string(Some(ctx), user),
             None => {
-                let flags = ctx.get_flags();
-                if flags.contains(ContextFlags::DENY_BLOCKING)
-                    && !flags.intersects(ContextFlags::MULTI | ContextFlags::LUA)
-                {
+                if is_module_call(ctx) {
                     return Acl {
                         wrapper: None,
                         owned: false,
@@ -126,6 +123,37 @@ fn no_permission(key: &[u8]) -> RedisError {
         String::from_utf8_lossy(key)
     ))
 }
+
+/// Whether the context's client is the temporary client of another
+/// module's `RM_Call`: it may block nothing (`DENY_BLOCKING`) and runs
+/// neither inside MULTI nor a script (whose clients carry a user). Known
+/// per client id (ids are never reused), so the context flags, which cost
+/// a few percent of a hit, are read once per client, not once per command.
+/// (A module command that a script runs and that calls PGCACHE.* through
+/// `RM_Call` is taken for the script itself.)
+fn is_module_call(ctx: &Context) -> bool {
+    // SAFETY: a live context.
+    let id = unsafe { raw::RedisModule_GetClientId.unwrap()(ctx.ctx) };
+    let slot = &CLIENT_KINDS[(id as usize) & (CLIENT_KINDS.len() - 1)];
+    let known = slot.load(Ordering::Relaxed);
+    if id != 0 && known >> 1 == id {
+        return known & 1 == 1;
+    }
+    let flags = ctx.get_flags();
+    let module_call = flags.contains(ContextFlags::DENY_BLOCKING)
+        && !flags.intersects(ContextFlags::MULTI | ContextFlags::LUA);
+    // Inside MULTI or a script, the kind of a client is not decided yet.
+    if !flags.intersects(ContextFlags::MULTI | ContextFlags::LUA) && id < 1 << 63 {
+        slot.store(id << 1 | u64::from(module_call), Ordering::Relaxed);
+    }
+    module_call
+}
+
+/// Client id → whether it is a module call's temporary client, as
+/// `id << 1 | flag`: a plain array (command handlers run on Redis's main
+/// thread only), cheaper than a thread-local in a shared library.
+static CLIENT_KINDS: [std::sync::atomic::AtomicU64; 64] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 64];
 
 const DEFAULT_USER_NAME: &[u8] = b"default";
 
