@@ -92,3 +92,13 @@ memcheck: deps
 	    || { echo "memcheck: valgrind not found and could not be installed (apt-get install valgrind)"; exit 1; }
 	$(CARGO) build --release
 	PGCACHE_VALGRIND=1 PGCACHE_VALGRIND_ARGS='$(VALGRIND_ARGS)' $(CARGO) test --release --test memcheck -- --test-threads=1 --nocapture
+
+## soak: build, then tests/consistency_random.rs with SOAK_SECONDS (300) s of random writes, reads and faults
+# The randomized consistency test of `make test` (30 s of load there), longer.
+# It prints its seed and figures; PGCACHE_RANDOM_SEED=<seed> replays a run's
+# choices. `make soak SOAK_SECONDS=60` for a shorter one.
+SOAK_SECONDS ?= 300
+.PHONY: soak
+soak: deps
+	$(CARGO) build --release
+	PGCACHE_SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test consistency_random -- --test-threads=1 --nocapture

@@ -10,13 +10,31 @@ use crate::redis::reply::{err, redis_string};
 use crate::runtime;
 use crate::settings;
 use crate::stats::{self, STATS};
-use pgcache_core::canonical_pk;
+use pgcache_core::{canonical_pk, CanonicalPk, Settings, TableSchema};
 use pgcache_core::event::{EventType, Source};
 use redis_module::{AclPermissions, Context, RedisError, RedisResult, RedisValue};
 
 /// A table flush may take a while (millions of keys, a batch at a time):
 /// its client's safety net is generous.
 const FLUSH_DEADLINE_MS: u64 = 10 * 60 * 1000;
+
+/// The canonical pk of `raw` and its key, once the table is allowed and the
+/// user may use the key with `permissions`.
+fn derived_key(
+    ctx: &Context,
+    settings: &Settings,
+    table: &TableSchema,
+    raw: &[u8],
+    user: Option<&[u8]>,
+    permissions: AclPermissions,
+) -> Result<(CanonicalPk, String), RedisError> {
+    check_allowed(settings, table)?;
+    let pk = canonical_pk(table, raw).map_err(err)?;
+    let key = entries::key(&settings.cache_prefix, table, &pk.json);
+    let name = redis_string(Some(ctx), key.as_bytes());
+    Acl::of(ctx, user).check(&name, key.as_bytes(), &permissions)?;
+    Ok((pk, key))
+}
 
 /// PGCACHE.WRITE <table> <pk> <data> [TTL]
 pub fn write_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
@@ -37,14 +55,13 @@ pub fn write_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
         Box::new(move |ctx, table, responder| {
             let result = (|| {
                 let settings = settings::current();
-                check_allowed(&settings, &table)?;
-                let pk = canonical_pk(&table, &pk).map_err(err)?;
-                let key = entries::key(&settings.cache_prefix, &table, &pk.json);
-                let name = redis_string(Some(ctx), key.as_bytes());
-                Acl::of(ctx, responder.user()).check(
-                    &name,
-                    key.as_bytes(),
-                    &(AclPermissions::INSERT | AclPermissions::UPDATE),
+                let (pk, key) = derived_key(
+                    ctx,
+                    &settings,
+                    &table,
+                    &pk,
+                    responder.user(),
+                    AclPermissions::INSERT | AclPermissions::UPDATE,
                 )?;
                 entries::write(
                     ctx,
@@ -81,14 +98,13 @@ pub fn invalidate_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
         Box::new(move |ctx, table, responder| {
             let result = (|| {
                 let settings = settings::current();
-                check_allowed(&settings, &table)?;
-                let pk = canonical_pk(&table, &pk).map_err(err)?;
-                let key = entries::key(&settings.cache_prefix, &table, &pk.json);
-                let name = redis_string(Some(ctx), key.as_bytes());
-                Acl::of(ctx, responder.user()).check(
-                    &name,
-                    key.as_bytes(),
-                    &AclPermissions::DELETE,
+                let (pk, key) = derived_key(
+                    ctx,
+                    &settings,
+                    &table,
+                    &pk,
+                    responder.user(),
+                    AclPermissions::DELETE,
                 )?;
                 // A fill in flight must not bring the old row back.
                 let db = keys::selected_db(ctx);
