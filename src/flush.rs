@@ -18,7 +18,7 @@ use crate::redis::reply::redis_string;
 use crate::runtime;
 use crate::settings;
 use crate::stats::{self, STATS};
-use pgcache_core::entry::{is_canonical_pk_of, parse_entry_key};
+use pgcache_core::entry::{is_canonical_pk_of, looks_canonical, split_entry_key};
 use pgcache_core::event::{EventType, Source};
 use pgcache_core::fills::Db;
 use pgcache_core::TableSchema;
@@ -298,7 +298,7 @@ async fn learn_tables(
     };
     let wanted: HashSet<String> = names
         .iter()
-        .filter_map(|n| parse_entry_key(n.get(prefix.len()..)?).map(|e| e.table.to_owned()))
+        .filter_map(|n| split_entry_key(n.get(prefix.len()..)?).map(|e| e.table.to_owned()))
         .collect();
     for table in wanted {
         match catalog::resolve_key_name(&table, resolver).await {
@@ -346,30 +346,40 @@ struct StepOutcome {
     deferred: Vec<Vec<u8>>,
 }
 
-/// Whether a key is an entry to drop: `Some(table json)`, `None` when not
-/// ours, or `Err` when its table must be looked up first.
-fn judge(name: &[u8], scope: &ScopeShared, tables: &Tables) -> Result<Option<String>, ()> {
+/// Whether a key is an entry to drop: `Some((table json, where its pk
+/// starts))`, `None` when it is not ours, or `Err` when its table must be
+/// looked up first.
+fn judge(name: &[u8], scope: &ScopeShared, tables: &Tables) -> Result<Option<(String, usize)>, ()> {
     let Some(rest) = name.strip_prefix(scope.prefix.as_bytes()) else {
         return Ok(None);
     };
-    let Some(entry) = parse_entry_key(rest) else {
+    if let Some((start, target)) = &scope.table {
+        let Some(pk) = name.strip_prefix(start.as_bytes()) else {
+            return Ok(None);
+        };
+        let Ok(pk) = std::str::from_utf8(pk) else {
+            return Ok(None);
+        };
+        let ours = pk.starts_with("{\"")
+            && match target {
+                Target::Table(t) => is_canonical_pk_of(t, pk),
+                Target::Named(_) => looks_canonical(pk),
+            };
+        let table_json = match target {
+            Target::Table(t) => t.table_json.clone(),
+            Target::Named(n) => pgcache_core::event::table_json(n),
+        };
+        return Ok(ours.then_some((table_json, start.len())));
+    }
+    let Some(entry) = split_entry_key(rest) else {
         return Ok(None);
     };
-    if let Some((start, target)) = &scope.table {
-        if !name.starts_with(start.as_bytes()) || entry.table != target.key_name() {
-            return Ok(None);
-        }
-        return Ok(match target {
-            Target::Table(t) => is_canonical_pk_of(t, entry.pk).then(|| t.table_json.clone()),
-            Target::Named(n) => Some(pgcache_core::event::table_json(n)),
-        });
-    }
+    let pk_at = name.len() - entry.pk.len();
     match catalog::by_key_name(entry.table) {
-        Some(t) => Ok(is_canonical_pk_of(&t, entry.pk).then(|| t.table_json.clone())),
+        Some(t) => Ok(is_canonical_pk_of(&t, entry.pk).then(|| (t.table_json.clone(), pk_at))),
         None if tables.missing.contains(entry.table) => Ok(None),
-        None if tables.unresolved.contains(entry.table) => {
-            Ok(Some(pgcache_core::event::table_json(entry.table)))
-        }
+        None if tables.unresolved.contains(entry.table) => Ok(looks_canonical(entry.pk)
+            .then(|| (pgcache_core::event::table_json(entry.table), pk_at))),
         None => Err(()),
     }
 }
@@ -411,35 +421,34 @@ fn flush_step(
     }
     let settings = settings::current();
     let mut deferred = Vec::new();
-    let mut doomed: Vec<(RedisString, Vec<u8>, String)> = Vec::new();
+    let mut doomed: Vec<(RedisString, Vec<u8>, String, usize)> = Vec::new();
     for name in names {
         match judge(&name, scope, tables) {
-            Ok(Some(table_json)) => {
+            Ok(Some((table_json, pk_at))) => {
                 if scope.gap.is_some() && entries::is_fresh(db, &name) {
                     continue;
                 }
-                doomed.push((redis_string(Some(ctx), &name), name, table_json));
+                doomed.push((redis_string(Some(ctx), &name), name, table_json, pk_at));
             }
             Ok(None) => {}
             Err(()) => deferred.push(name),
         }
     }
     let mut deleted: Vec<&RedisString> = Vec::new();
-    for (rname, name, table_json) in &doomed {
+    for (rname, name, table_json, pk_at) in &doomed {
         if keys::delete_string(ctx, rname) {
             deleted.push(rname);
-            let pk = name
-                .get(scope.prefix.len()..)
-                .and_then(parse_entry_key)
-                .map_or(&b"{}"[..], |e| e.pk.as_bytes());
-            events::publish(
-                ctx,
-                &settings,
-                EventType::Invalidate,
-                table_json,
-                pk,
-                origin,
-            );
+            if settings.events.invalidate {
+                let pk = name.get(*pk_at..).unwrap_or(b"{}");
+                events::publish(
+                    ctx,
+                    &settings,
+                    EventType::Invalidate,
+                    table_json,
+                    pk,
+                    origin,
+                );
+            }
         }
     }
     keys::replicate_del(ctx, &deleted);

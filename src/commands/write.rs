@@ -10,8 +10,8 @@ use crate::redis::reply::{err, redis_string};
 use crate::runtime;
 use crate::settings;
 use crate::stats::{self, STATS};
-use pgcache_core::{canonical_pk, CanonicalPk, Settings, TableSchema};
 use pgcache_core::event::{EventType, Source};
+use pgcache_core::{canonical_pk, CanonicalPk, Settings, TableSchema};
 use redis_module::{AclPermissions, Context, RedisError, RedisResult, RedisValue};
 
 /// A table flush may take a while (millions of keys, a batch at a time):

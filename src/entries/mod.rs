@@ -21,7 +21,9 @@ use crate::scratch::{with_taken, KEEP};
 use crate::stats::{self, STATS};
 use pgcache_core::fills::{Db, FillId, Join};
 use pgcache_core::trust::{Phase, Serve, Store, Transition};
-use pgcache_core::{push_canonical_pk_bytes, KeyError, TableSchema, NEGATIVE_MARKER};
+use pgcache_core::{
+    cache_key, push_canonical_pk_bytes, push_key_start, KeyError, TableSchema, NEGATIVE_MARKER,
+};
 use redis_module::{raw, Context, RedisString};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
@@ -57,19 +59,9 @@ pub fn with_key<R>(
     })
 }
 
-fn push_key_start(out: &mut Vec<u8>, prefix: &str, table: &TableSchema) {
-    out.extend_from_slice(prefix.as_bytes());
-    out.extend_from_slice(table.key_name.as_bytes());
-    out.push(b':');
-}
-
 /// The key of a canonical pk (JSON text).
 pub fn key(prefix: &str, table: &TableSchema, canonical_pk: &str) -> String {
-    let mut out = Vec::with_capacity(prefix.len() + table.key_name.len() + 1 + canonical_pk.len());
-    push_key_start(&mut out, prefix, table);
-    out.extend_from_slice(canonical_pk.as_bytes());
-    // Only UTF-8 pieces were joined.
-    String::from_utf8(out).unwrap_or_default()
+    cache_key(prefix, table, canonical_pk)
 }
 
 // ---------------------------------------------------------------------------

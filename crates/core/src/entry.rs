@@ -9,7 +9,7 @@
 //! (`is_canonical_pk_of`): `{"id":"7"}` for an integer key is a key a user
 //! wrote, not pgcache.
 
-use crate::key::canonical_pk;
+use crate::fastkey::push_canonical_pk_bytes;
 use crate::schema::TableSchema;
 use serde_json::Value;
 
@@ -20,22 +20,26 @@ pub struct EntryKey<'a> {
     pub pk: &'a str,
 }
 
-/// Splits `rest` (a key without the prefix) into `<table>:<pk>` when `<pk>`
-/// looks like a canonical pk; `None` for anything pgcache does not write.
-pub fn parse_entry_key(rest: &[u8]) -> Option<EntryKey<'_>> {
+/// Splits `rest` (a key without the prefix) into `<table>:<pk>` where `<pk>`
+/// starts like a JSON object with a member, without judging the pk.
+pub fn split_entry_key(rest: &[u8]) -> Option<EntryKey<'_>> {
     let rest = std::str::from_utf8(rest).ok()?;
     // The pk is an object whose first member name starts with `"`.
     let split = rest.find(":{\"")?;
     let (table, pk) = (&rest[..split], &rest[split + 1..]);
-    if table.is_empty() || !looks_canonical(pk) {
-        return None;
-    }
-    Some(EntryKey { table, pk })
+    (!table.is_empty() && pk.ends_with('}')).then_some(EntryKey { table, pk })
+}
+
+/// Splits `rest` (a key without the prefix) into `<table>:<pk>` when `<pk>`
+/// looks like a canonical pk; `None` for anything pgcache does not write.
+pub fn parse_entry_key(rest: &[u8]) -> Option<EntryKey<'_>> {
+    split_entry_key(rest).filter(|e| looks_canonical(e.pk))
 }
 
 /// A compact JSON object, members sorted by name (byte order), every value
-/// a string, a number or a boolean: the shape of every canonical pk.
-fn looks_canonical(pk: &str) -> bool {
+/// a string, a number or a boolean: the shape of every canonical pk (what
+/// can be checked without the table's schema).
+pub fn looks_canonical(pk: &str) -> bool {
     if !pk.ends_with('}') {
         return false;
     }
@@ -61,9 +65,12 @@ fn looks_canonical(pk: &str) -> bool {
     serde_json::to_string(&members).is_ok_and(|again| again == pk)
 }
 
-/// Whether `pk` is exactly the canonical pk that `table` gives itself.
+/// Whether `pk` is exactly the canonical pk that `table` gives itself
+/// (through the hit path's canonicaliser: an already canonical key is
+/// mostly compared in place).
 pub fn is_canonical_pk_of(table: &TableSchema, pk: &str) -> bool {
-    canonical_pk(table, pk.as_bytes()).is_ok_and(|c| c.json == pk)
+    let mut out = Vec::with_capacity(pk.len());
+    push_canonical_pk_bytes(&mut out, table, pk.as_bytes()).is_ok() && out == pk.as_bytes()
 }
 
 #[cfg(test)]

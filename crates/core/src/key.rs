@@ -45,14 +45,21 @@ pub struct CanonicalPk {
     pub params: Vec<String>,
 }
 
-/// The cache key of a canonical pk.
-pub fn cache_key(prefix: &str, table: &TableSchema, pk: &CanonicalPk) -> String {
-    let mut key = String::with_capacity(prefix.len() + table.key_name.len() + 1 + pk.json.len());
-    key.push_str(prefix);
-    key.push_str(&table.key_name);
-    key.push(':');
-    key.push_str(&pk.json);
-    key
+/// The cache key of a canonical pk (JSON text):
+/// `<prefix><table>:<canonical pk>`.
+pub fn cache_key(prefix: &str, table: &TableSchema, canonical_pk: &str) -> String {
+    let mut key = Vec::with_capacity(prefix.len() + table.key_name.len() + 1 + canonical_pk.len());
+    push_key_start(&mut key, prefix, table);
+    key.extend_from_slice(canonical_pk.as_bytes());
+    // Only UTF-8 pieces were joined.
+    String::from_utf8(key).unwrap_or_default()
+}
+
+/// Appends what precedes the pk in a cache key: `<prefix><table>:`.
+pub fn push_key_start(out: &mut Vec<u8>, prefix: &str, table: &TableSchema) {
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(table.key_name.as_bytes());
+    out.push(b':');
 }
 
 /// Parses a pk argument (JSON text) and canonicalises it for `table`.
@@ -390,7 +397,7 @@ mod tests {
         let t = table(&[("id", PkKind::Int32)]);
         let pk = canonical_pk(&t, br#"{"id":"7"}"#).unwrap();
         assert_eq!(
-            cache_key("pg_cache:", &t, &pk),
+            cache_key("pg_cache:", &t, &pk.json),
             r#"pg_cache:users:{"id":7}"#
         );
     }

@@ -25,7 +25,8 @@ pub use fastkey::{push_canonical_pk, push_canonical_pk_bytes};
 pub use fills::{Db, FillId, FillRegistry, Finished, Join};
 pub use json::json_array;
 pub use key::{
-    cache_key, canonical_pk, canonical_pk_value, CanonicalPk, KeyError, NEGATIVE_MARKER,
+    cache_key, canonical_pk, canonical_pk_value, push_key_start, CanonicalPk, KeyError,
+    NEGATIVE_MARKER,
 };
 pub use pending::PendingFetches;
 pub use schema::{PkColumn, PkKind, TableSchema};
