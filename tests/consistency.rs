@@ -11,53 +11,10 @@
 
 mod common;
 
+use common::gate::{start_gated, Gate, GATED_ROLE};
 use common::*;
 use serde_json::Value;
 use std::thread::JoinHandle;
-
-/// The module's role (not `app`: a role named like the `app` schema would
-/// put `app.users` first on its search path).
-const ROLE: &str = "cacher";
-
-fn gated_setup() -> String {
-    let watch = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql"),
-    )
-    .expect("sql/pgcache.sql");
-    format!(
-        r#"
-{watch}
-SELECT pgcache_watch('users');
-CREATE ROLE {ROLE} LOGIN;
-GRANT SELECT ON users TO {ROLE};
-CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    PERFORM pg_advisory_lock_shared(42);
-    PERFORM pg_advisory_unlock_shared(42);
-    RETURN true;
-END
-$$;
-ALTER TABLE users ENABLE ROW LEVEL SECURITY;
-ALTER TABLE users FORCE ROW LEVEL SECURITY;
-CREATE POLICY gated ON users FOR SELECT USING (gate());
-"#
-    )
-}
-
-fn module_args_as(pg: &PgServer, user: &str) -> Vec<String> {
-    let mut args = pg.module_args();
-    let i = args.iter().position(|a| a == "pg_user").unwrap();
-    args[i + 1] = user.to_string();
-    args
-}
-
-fn user_key(id: i64) -> String {
-    format!(r#"pg_cache:users:{{"id":{id}}}"#)
-}
-
-fn get(c: &mut redis::Connection, key: &str) -> Option<String> {
-    redis::cmd("GET").arg(key).query(c).unwrap()
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Race {
@@ -76,18 +33,13 @@ enum Race {
 struct Gated {
     pg: PgServer,
     r: RedisServer,
-    /// the session that holds advisory lock 42 exclusively
-    locker: tokio_postgres::Client,
+    gate: Gate,
     c: redis::Connection,
 }
 
 impl Gated {
     async fn start() -> Gated {
-        let pg = PgServer::start_new();
-        pg.execute(&gated_setup());
-        let r = RedisServer::start(&module_args_as(&pg, ROLE));
-        wait_listener_ready(&r);
-        let locker = pg.client().await;
+        let (pg, r, gate) = start_gated(&[]).await;
         let mut c = r.con();
         // warm the module's catalog; the gate is open
         let row = read_row(&mut c, "users", r#"{"id":1000}"#);
@@ -95,32 +47,19 @@ impl Gated {
         // the gate works: the module's fill really runs as the gated role
         assert_eq!(
             pg.query_text(&format!(
-                "SELECT count(*)::text FROM pg_stat_activity WHERE usename = '{ROLE}'"
+                "SELECT count(*)::text FROM pg_stat_activity WHERE usename = '{GATED_ROLE}'"
             ))
             .map(|n| n.parse::<i64>().unwrap() > 0),
             Some(true),
-            "the module does not connect as {ROLE}"
+            "the module does not connect as {GATED_ROLE}"
         );
-        Gated { pg, r, locker, c }
-    }
-
-    fn waiting_on_gate(&self) -> i64 {
-        self.pg
-            .query_text(
-                "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-            )
-            .unwrap()
-            .parse()
-            .unwrap()
+        Gated { pg, r, gate, c }
     }
 
     /// Close the gate, start a READ of `id` on its own connection, and wait
     /// until its query waits in the gate (snapshot taken).
     async fn hold_fill(&mut self, id: i64) -> JoinHandle<redis::RedisResult<Option<String>>> {
-        self.locker
-            .batch_execute("/* pgcache-harness */ SELECT pg_advisory_lock(42)")
-            .await
-            .unwrap();
+        self.gate.close().await;
         assert!(
             !exists(&mut self.c, &user_key(id)),
             "{} is cached before the race",
@@ -129,22 +68,10 @@ impl Gated {
         let mut fc = self.r.con();
         let pk = format!(r#"{{"id":{id}}}"#);
         let h = std::thread::spawn(move || read(&mut fc, "users", &pk));
-        wait_until(
-            "the fill waits in gate(), after its snapshot",
-            || match self.waiting_on_gate() {
-                0 => Err("no session waits on the advisory lock".into()),
-                _ => Ok(()),
-            },
-        );
+        self.gate
+            .wait_held("the fill waits in gate(), after its snapshot");
         assert!(stat_of(&stats(&mut self.c), "fills_in_flight") >= 1);
         h
-    }
-
-    async fn open_gate(&mut self) {
-        self.locker
-            .batch_execute("/* pgcache-harness */ SELECT pg_advisory_unlock(42)")
-            .await
-            .unwrap();
     }
 
     /// One race: hold a fill of `id`, invalidate its key by `how`, release
@@ -237,7 +164,7 @@ impl Gated {
         }
         // the fill is still held: nothing was answered or cached yet
         assert!(!fill.is_finished(), "{how:?}: the held fill answered early");
-        self.open_gate().await;
+        self.gate.open().await;
 
         // its client gets an answer (the row as its snapshot saw it)
         let got = fill
@@ -296,7 +223,7 @@ impl Gated {
         }
         // leave the key uncached for the next round
         invalidate(&mut self.c, "users", &format!(r#"{{"id":{id}}}"#)).unwrap();
-        assert_eq!(self.waiting_on_gate(), 0);
+        assert_eq!(self.gate.waiting(), 0);
     }
 }
 
@@ -350,19 +277,11 @@ async fn multiread_fill_caches_only_the_keys_not_invalidated_meanwhile() {
         let (a, b) = (60 + 2 * round as i64, 61 + 2 * round as i64);
         let before = stats(&mut g.c);
         let old_b = g.pg.row_json("users", &format!("id = {b}")).unwrap();
-        g.locker
-            .batch_execute("/* pgcache-harness */ SELECT pg_advisory_lock(42)")
-            .await
-            .unwrap();
+        g.gate.close().await;
         let mut fc = g.r.con();
         let pks = format!(r#"[{{"id":{a}}},{{"id":{b}}}]"#);
         let h = std::thread::spawn(move || multiread(&mut fc, "users", &pks));
-        wait_until("the MULTIREAD fill waits in gate()", || {
-            match g.waiting_on_gate() {
-                0 => Err("no session waits on the advisory lock".into()),
-                _ => Ok(()),
-            }
-        });
+        g.gate.wait_held("the MULTIREAD fill waits in gate()");
         let new_name = format!("multi round {round}");
         write(&mut g.c, "users", r#"{"id":999}"#, r#"{"sentinel":true}"#).unwrap();
         g.pg.execute(&format!(
@@ -378,7 +297,7 @@ async fn multiread_fill_caches_only_the_keys_not_invalidated_meanwhile() {
             }
         });
         assert!(!h.is_finished(), "the held MULTIREAD answered early");
-        g.open_gate().await;
+        g.gate.open().await;
         let got = json(&h.join().unwrap().expect("the held MULTIREAD"));
         assert_eq!(got[1], old_b, "round {round}: {got}");
         let c = &mut g.c;
@@ -413,38 +332,6 @@ async fn multiread_fill_caches_only_the_keys_not_invalidated_meanwhile() {
 
 // ---------------------------------------------------------------------------
 // no gap: the listener's connection drops, PostgreSQL restarts, an RDB file
-
-fn watched_pg() -> PgServer {
-    let pg = PgServer::start_new();
-    let watch = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql"),
-    )
-    .expect("sql/pgcache.sql");
-    pg.execute(&watch);
-    pg.execute("SELECT pgcache_watch('users')");
-    pg
-}
-
-/// Wait until the listener has reconnected since `before` and the flush
-/// that follows the reconnect is over.
-#[track_caller]
-fn wait_reconnected_and_flushed(r: &RedisServer, before: &Value) -> Value {
-    let mut c = r.con();
-    let mut out = Value::Null;
-    wait_until("listener reconnected and gap flush over", || {
-        let s = stats(&mut c);
-        if stat_of(&s, "flushes") > stat_of(before, "flushes")
-            && stat_str(&s, "listener") == "connected"
-            && stat_of(&s, "gap_flush_running") == 0
-        {
-            out = s;
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_while_the_listener_is_disconnected_is_not_served_after() {

@@ -894,25 +894,6 @@ fn reader(idx: usize, seed: u64, port: u16, sh: Arc<Shared>) {
 // ---------------------------------------------------------------------------
 // Redis: a server we can stop and start again on the same port and dir
 
-/// Make a child die with the thread that spawned it (as the harness does):
-/// a killed test run leaves no redis-server behind. Servers are spawned only
-/// by the test's main thread.
-fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() == 1 {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-}
-
 struct SoakRedis {
     port: u16,
     dir: tempfile::TempDir,

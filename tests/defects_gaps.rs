@@ -11,7 +11,7 @@
 //!   PGCACHE.INVALIDATE_TABLE).
 //!
 //! The races hold a fill's query inside PostgreSQL after its snapshot was
-//! taken (the gate of `tests/consistency.rs`): the module connects as the
+//! taken (the harness's gate, `common::gate`): the module connects as the
 //! non-superuser role `cacher`, `users` has a row-level-security policy
 //! `USING (gate())`, and `gate()` takes and releases a shared advisory lock
 //! that the test holds exclusively while it wants fills of `users` held.
@@ -22,97 +22,23 @@
 
 mod common;
 
+use common::gate::{start_gated, Gate, GATED_ROLE};
 use common::*;
 use serde_json::Value;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// The module's role in the gated tests (not a superuser: RLS applies).
-const ROLE: &str = "cacher";
 
 /// The sentinel row: `mixedcase` id 1, watched, not gated.
 const SENTINEL_TABLE: &str = "mixedcase";
 const SENTINEL_PK: &str = r#"{"id":1}"#;
 const SENTINEL_KEY: &str = r#"pg_cache:mixedcase:{"id":1}"#;
 
-fn pgcache_sql() -> String {
-    std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql"),
-    )
-    .expect("sql/pgcache.sql")
-}
-
-/// `sql/pgcache.sql`, `users` and `mixedcase` watched, the role `cacher`,
-/// and the gate on `users`.
-fn gated_setup() -> String {
-    let watch = pgcache_sql();
-    format!(
-        r#"
-{watch}
-SELECT pgcache_watch('users');
-SELECT pgcache_watch('mixedcase');
-CREATE ROLE {ROLE} LOGIN;
-GRANT SELECT ON users, mixedcase TO {ROLE};
-CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    PERFORM pg_advisory_lock_shared(42);
-    PERFORM pg_advisory_unlock_shared(42);
-    RETURN true;
-END
-$$;
-ALTER TABLE users ENABLE ROW LEVEL SECURITY;
-ALTER TABLE users FORCE ROW LEVEL SECURITY;
-CREATE POLICY gated ON users FOR SELECT USING (gate());
-"#
-    )
-}
-
-fn module_args_as(pg: &PgServer, user: &str) -> Vec<String> {
-    let mut args = pg.module_args();
-    let i = args.iter().position(|a| a == "pg_user").unwrap();
-    args[i + 1] = user.to_string();
-    args
-}
-
-fn user_key(id: i64) -> String {
-    format!(r#"pg_cache:users:{{"id":{id}}}"#)
-}
-
 fn user_pk(id: i64) -> String {
     format!(r#"{{"id":{id}}}"#)
 }
 
-fn get(c: &mut redis::Connection, key: &str) -> Option<String> {
-    redis::cmd("GET").arg(key).query(c).unwrap()
-}
-
-/// A connection with database `db` selected.
-fn db_con(r: &RedisServer, db: i64) -> redis::Connection {
-    let mut c = r.con();
-    let _: () = redis::cmd("SELECT").arg(db).query(&mut c).unwrap();
-    c
-}
-
 fn dbsize(c: &mut redis::Connection) -> i64 {
     redis::cmd("DBSIZE").query(c).unwrap()
-}
-
-#[track_caller]
-fn wait_gone(c: &mut redis::Connection, key: &str, what: &str) {
-    wait_until(what, || {
-        if exists(c, key) {
-            Err(format!("{key} still cached"))
-        } else {
-            Ok(())
-        }
-    });
-}
-
-/// Terminates the module's LISTEN session (there must be exactly one).
-fn kill_listener(pg: &PgServer) {
-    let pids = listen_session_pids(pg);
-    assert_eq!(pids.len(), 1, "one LISTEN session: {pids:?}");
-    pg.query_texts(&format!("SELECT pg_terminate_backend({})::text", pids[0]));
 }
 
 /// A module connected as `cacher`, over a PostgreSQL with the gate, and the
@@ -120,44 +46,15 @@ fn kill_listener(pg: &PgServer) {
 struct Gated {
     pg: PgServer,
     r: RedisServer,
-    /// holds advisory lock 42 exclusively while the gate is closed
-    locker: tokio_postgres::Client,
+    gate: Gate,
 }
 
 impl Gated {
     /// Nothing is read: the module's catalog is empty and no database has
     /// an entry.
     async fn start() -> Gated {
-        let pg = PgServer::start_new();
-        pg.execute(&gated_setup());
-        let r = RedisServer::start(&module_args_as(&pg, ROLE));
-        wait_listener_ready(&r);
-        let locker = pg.client().await;
-        Gated { pg, r, locker }
-    }
-
-    fn waiting_on_gate(&self) -> i64 {
-        self.pg
-            .query_text(
-                "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-            )
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    async fn close_gate(&self) {
-        self.locker
-            .batch_execute("/* pgcache-harness */ SELECT pg_advisory_lock(42)")
-            .await
-            .unwrap();
-    }
-
-    async fn open_gate(&self) {
-        self.locker
-            .batch_execute("/* pgcache-harness */ SELECT pg_advisory_unlock(42)")
-            .await
-            .unwrap();
+        let (pg, r, gate) = start_gated(&[SENTINEL_TABLE]).await;
+        Gated { pg, r, gate }
     }
 
     /// Closes the gate, starts a READ of users `id` on its own connection
@@ -165,8 +62,8 @@ impl Gated {
     /// snapshot taken). A session waiting there also proves that the
     /// module's fills run as the gated role.
     async fn hold_fill(&self, db: i64, id: i64) -> JoinHandle<redis::RedisResult<Option<String>>> {
-        self.close_gate().await;
-        let mut fc = db_con(&self.r, db);
+        self.gate.close().await;
+        let mut fc = self.r.db_con(db);
         assert!(
             !exists(&mut fc, &user_key(id)),
             "{} is cached in db {db} before the race",
@@ -174,13 +71,8 @@ impl Gated {
         );
         let pk = user_pk(id);
         let h = std::thread::spawn(move || read(&mut fc, "users", &pk));
-        wait_until(
-            "the fill waits in gate(), after its snapshot",
-            || match self.waiting_on_gate() {
-                0 => Err("no session waits on the advisory lock".into()),
-                _ => Ok(()),
-            },
-        );
+        self.gate
+            .wait_held("the fill waits in gate(), after its snapshot");
         h
     }
 }
@@ -205,8 +97,8 @@ fn held_row(h: JoinHandle<redis::RedisResult<Option<String>>>, what: &str) -> Va
 /// was applied; the gate opens. The fill answers the old row, but must not
 /// be cached.
 async fn first_fill_race(g: &Gated, db: i64, id: i64, sentinel_db: i64) {
-    let mut c = db_con(&g.r, db);
-    let mut s = db_con(&g.r, sentinel_db);
+    let mut c = g.r.db_con(db);
+    let mut s = g.r.db_con(sentinel_db);
     assert!(
         exists(&mut s, SENTINEL_KEY),
         "the sentinel is cached in db {sentinel_db}"
@@ -221,13 +113,13 @@ async fn first_fill_race(g: &Gated, db: i64, id: i64, sentinel_db: i64) {
          UPDATE {SENTINEL_TABLE} SET label = 'sentinel {db}' WHERE id = 1; \
          COMMIT"
     ));
-    wait_gone(
+    wait_gone_for(
         &mut s,
         SENTINEL_KEY,
         "the sentinel's notification (after the UPDATE's) is applied",
     );
     assert!(!fill.is_finished(), "the held fill answered early");
-    g.open_gate().await;
+    g.gate.open().await;
 
     let got = held_row(fill, &format!("db {db}"));
     assert_eq!(
@@ -257,9 +149,9 @@ async fn first_fill_race(g: &Gated, db: i64, id: i64, sentinel_db: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_fill_in_db0_overtaken_by_an_update_is_not_cached() {
     let mut g = Gated::start().await;
-    let mut s3 = db_con(&g.r, 3);
+    let mut s3 = g.r.db_con(3);
     read_row(&mut s3, SENTINEL_TABLE, SENTINEL_PK);
-    let mut c0 = db_con(&g.r, 0);
+    let mut c0 = g.r.db_con(0);
     assert_eq!(dbsize(&mut c0), 0, "db 0 holds nothing before the race");
     first_fill_race(&g, 0, 5, 3).await;
     assert!(g.r.alive());
@@ -271,11 +163,11 @@ async fn first_fill_in_db0_overtaken_by_an_update_is_not_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_fill_in_db5_overtaken_by_an_update_is_not_cached() {
     let mut g = Gated::start().await;
-    let mut c0 = db_con(&g.r, 0);
+    let mut c0 = g.r.db_con(0);
     read_row(&mut c0, "users", &user_pk(1));
     read_row(&mut c0, SENTINEL_TABLE, SENTINEL_PK);
     assert!(exists(&mut c0, &user_key(1)));
-    let mut c5 = db_con(&g.r, 5);
+    let mut c5 = g.r.db_con(5);
     assert_eq!(dbsize(&mut c5), 0, "db 5 holds nothing before the race");
     first_fill_race(&g, 5, 6, 0).await;
     assert!(g.r.alive());
@@ -289,9 +181,8 @@ async fn first_fill_in_db5_overtaken_by_an_update_is_not_cached() {
 /// products, one of app.accounts (so READs of those need no catalog lookup)
 /// and caches the sentinel.
 fn starvable() -> (PgServer, RedisServer) {
-    let pg = PgServer::start_new();
-    pg.execute(&pgcache_sql());
-    pg.execute("SELECT pgcache_watch('users'); SELECT pgcache_watch('mixedcase')");
+    let pg = watched_pg();
+    pg.execute("SELECT pgcache_watch('mixedcase')");
     let r = RedisServer::with_pg(&pg, &["pg_pool_size", "1", "pg_query_timeout_ms", "2000"]);
     wait_listener_ready(&r);
     let mut c = r.con();
@@ -395,7 +286,7 @@ fn pass_sentinel(pg: &PgServer, c: &mut redis::Connection, round: i64) {
     pg.execute(&format!(
         "UPDATE {SENTINEL_TABLE} SET label = 'sentinel {round}' WHERE id = 1"
     ));
-    wait_gone(
+    wait_gone_for(
         c,
         SENTINEL_KEY,
         "the sentinel's notification (committed last) is applied",
@@ -489,7 +380,7 @@ async fn truncate_notified_while_the_pool_is_starved_is_not_lost() {
 /// pool's open connections go on working), terminates its session, and
 /// waits until STATS says it is not connected.
 fn interrupt_listener(g: &Gated) {
-    g.pg.execute(&format!("ALTER ROLE {ROLE} NOLOGIN"));
+    g.pg.execute(&format!("ALTER ROLE {GATED_ROLE} NOLOGIN"));
     kill_listener(&g.pg);
     let mut c = g.r.con();
     wait_until("the listener notices its connection is gone", || {
@@ -532,7 +423,7 @@ async fn fill_in_flight_when_the_listener_drops_is_not_cached() {
     interrupt_listener(&g);
     g.pg.execute("UPDATE users SET name = 'changed while interrupted' WHERE id = 21");
     assert!(!fill.is_finished(), "the held fill answered early");
-    g.open_gate().await;
+    g.gate.open().await;
 
     let got = held_row(fill, "the fill in flight at the interruption");
     assert_eq!(got, old, "the held fill did not read the old row");
@@ -595,7 +486,7 @@ async fn fill_started_while_interrupted_is_not_cached_after_the_reconnect() {
     let old = g.pg.row_json("users", "id = 31").unwrap();
     let fill = g.hold_fill(0, 31).await;
     g.pg.execute("UPDATE users SET name = 'changed during the fill' WHERE id = 31");
-    g.pg.execute(&format!("ALTER ROLE {ROLE} LOGIN"));
+    g.pg.execute(&format!("ALTER ROLE {GATED_ROLE} LOGIN"));
     wait_until("the listener is connected again", || {
         let s = stats(&mut c);
         if stat_str(&s, "listener") == "connected" {
@@ -605,7 +496,7 @@ async fn fill_started_while_interrupted_is_not_cached_after_the_reconnect() {
         }
     });
     assert!(!fill.is_finished(), "the held fill answered early");
-    g.open_gate().await;
+    g.gate.open().await;
     let got = held_row(fill, "the fill started while interrupted");
     assert_eq!(got, old, "the held fill did not read the old row");
     assert_eq!(
@@ -615,19 +506,7 @@ async fn fill_started_while_interrupted_is_not_cached_after_the_reconnect() {
     );
 
     // (c) the gap flush is over: nothing cached before it is left
-    let mut out = Value::Null;
-    wait_until("the gap flush after the reconnect is over", || {
-        let s = stats(&mut c);
-        if stat_of(&s, "flushes") > stat_of(&before, "flushes")
-            && stat_str(&s, "listener") == "connected"
-            && stat_of(&s, "gap_flush_running") == 0
-        {
-            out = s;
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
+    let out = wait_reconnected_and_flushed(&g.r, &before);
     assert_eq!(
         keys(&mut c, "pg_cache:users:*"),
         Vec::<String>::new(),
@@ -649,7 +528,7 @@ async fn fill_started_while_interrupted_is_not_cached_after_the_reconnect() {
         "a fill after the gap is cached"
     );
     g.pg.execute("UPDATE users SET name = 'heard after the gap' WHERE id = 30");
-    wait_gone(
+    wait_gone_for(
         &mut c,
         &user_key(30),
         "the notification after the reconnect is applied",
@@ -680,28 +559,17 @@ fn write_entries(c: &mut redis::Connection, n: i64) {
     }
 }
 
-fn info_replication(c: &mut redis::Connection) -> String {
-    redis::cmd("INFO").arg("replication").query(c).unwrap()
-}
-
 /// Node A (pgcache primary, users watched and read once) and node B (a
 /// plain redis-server), each holding `n` entries of users.
 fn two_nodes(n: i64) -> (PgServer, RedisServer, RedisServer) {
-    let pg = PgServer::start_new();
-    pg.execute(&pgcache_sql());
-    pg.execute("SELECT pgcache_watch('users')");
+    let pg = watched_pg();
     let a = RedisServer::with_pg(&pg, &[]);
     wait_listener_ready(&a);
     let b = RedisServer::start_plain();
     let mut ca = a.con();
     let mut cb = b.con();
     // the full sync starts at once
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("repl-diskless-sync-delay")
-        .arg("0")
-        .query(&mut cb)
-        .unwrap();
+    config_set(&mut cb, "repl-diskless-sync-delay", "0").unwrap();
     read_row(&mut ca, "users", &user_pk(1));
     write_entries(&mut ca, n);
     write_entries(&mut cb, n);
@@ -722,7 +590,7 @@ fn demote_and_compare(a: &RedisServer, b: &RedisServer, what: &str) {
         .unwrap();
     let mut ci = a.con();
     wait_until("A's replication link is up and the sync done", || {
-        let info = info_replication(&mut ci);
+        let info = info(&mut ci, "replication");
         if info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0") {
             Ok(())
         } else {

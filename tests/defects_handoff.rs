@@ -18,12 +18,6 @@ fn short_timeouts(pg: &PgServer) -> Vec<String> {
     args
 }
 
-fn con_with_timeout(r: &RedisServer) -> redis::Connection {
-    let c = r.con();
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    c
-}
-
 /// Defect 14: a fill whose answer never comes (the `lose_fills` test fault
 /// registers fills and never runs them, as a lost task would) must not hang
 /// its clients or its key: each blocked client gets a "timed out" error from
@@ -38,7 +32,7 @@ fn a_lost_fill_is_answered_by_the_safety_net() {
         &[("PGCACHE_TEST_FAULTS", "lose_fills")],
     );
     r.wait_until_ready();
-    let mut c = con_with_timeout(&r);
+    let mut c = r.con_with_read_timeout(Duration::from_secs(30));
     assert!(
         r.log().contains("test faults are on"),
         "the module says a test fault is on"
@@ -47,7 +41,7 @@ fn a_lost_fill_is_answered_by_the_safety_net() {
 
     // Two clients miss the same key: the second joins the first's fill.
     let joined = {
-        let mut c2 = con_with_timeout(&r);
+        let mut c2 = r.con_with_read_timeout(Duration::from_secs(30));
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
             read(&mut c2, "users", r#"{"id":1}"#)
@@ -103,7 +97,7 @@ fn a_lost_fill_is_answered_by_the_safety_net() {
 fn a_big_multiread_is_completed_in_chunks_of_keys() {
     let pg = PgServer::start_new();
     let r = RedisServer::with_pg(&pg, &[]);
-    let mut c = con_with_timeout(&r);
+    let mut c = r.con_with_read_timeout(Duration::from_secs(30));
     let before = stats(&mut c);
     pg.reset_stats();
     let ids: Vec<i64> = (1..=1000).collect();

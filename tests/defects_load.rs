@@ -11,61 +11,16 @@ mod common;
 use common::*;
 use redis::ConnectionLike;
 use serde_json::Value;
-use std::ffi::OsString;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// The error text of a miss that cannot wait (MULTI, Lua, RM_Call).
 const CANNOT_WAIT: &str = "cannot wait for PostgreSQL here";
 
 // ---------------------------------------------------------------------------
 // small helpers
-
-fn last_lines(text: &str, n: usize) -> String {
-    let v: Vec<&str> = text.lines().collect();
-    v[v.len().saturating_sub(n)..].join("\n")
-}
-
-fn config_set(c: &mut redis::Connection, name: &str, value: &str) -> redis::RedisResult<()> {
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg(name)
-        .arg(value)
-        .query(c)
-}
-
-#[track_caller]
-fn config_value(c: &mut redis::Connection, name: &str) -> String {
-    let flat: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query(c).unwrap();
-    assert_eq!(flat.len(), 2, "CONFIG GET {name}: {flat:?}");
-    flat[1].clone()
-}
-
-/// One field of an INFO section (`used_memory` of `memory`).
-#[track_caller]
-fn info_field(c: &mut redis::Connection, section: &str, field: &str) -> String {
-    let info: String = redis::cmd("INFO").arg(section).query(c).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("INFO {section} has no {field}:\n{info}"))
-        .trim()
-        .to_string()
-}
-
-/// A connection whose reads give up after `HANG` (a hang detector; these
-/// tests never stop and continue a server).
-fn con_with_deadline(url: &str) -> redis::Connection {
-    let c = redis::Client::open(url)
-        .unwrap()
-        .get_connection_with_timeout(Duration::from_secs(10))
-        .expect("connect to redis");
-    c.set_read_timeout(Some(HANG)).unwrap();
-    c
-}
 
 /// Send a command and return the reply as it came, errors nested in arrays
 /// included (`query` would turn the first nested error into an `Err`).
@@ -158,45 +113,6 @@ fn assert_cannot_wait(reply: &Value2, what: &str) {
     }
 }
 
-fn user_key(id: i64) -> String {
-    format!(r#"pg_cache:users:{{"id":{id}}}"#)
-}
-
-fn pgcache_sql() -> String {
-    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql"))
-        .expect("sql/pgcache.sql")
-}
-
-/// A PostgreSQL with the standard schema and `users` watched.
-fn watched_pg() -> PgServer {
-    let pg = PgServer::start_new();
-    pg.execute(&pgcache_sql());
-    pg.execute("SELECT pgcache_watch('users')");
-    pg
-}
-
-/// Wait until the listener has reconnected since `before` and the flush that
-/// follows the reconnect is over.
-#[track_caller]
-fn wait_reconnected_and_flushed(r: &RedisServer, before: &Value) -> Value {
-    let mut c = r.con();
-    let mut out = Value::Null;
-    wait_until("listener reconnected and gap flush over", || {
-        let s = stats(&mut c);
-        if stat_of(&s, "listener_reconnects") > stat_of(before, "listener_reconnects")
-            && stat_of(&s, "flushes") > stat_of(before, "flushes")
-            && stat_str(&s, "listener") == "connected"
-            && stat_of(&s, "gap_flush_running") == 0
-        {
-            out = s;
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
-    out
-}
-
 /// The threads of process `pid`: (tid, name as `comm` shows it).
 fn threads(pid: u32) -> Vec<(u32, String)> {
     let mut out: Vec<(u32, String)> = fs::read_dir(format!("/proc/{pid}/task"))
@@ -243,180 +159,35 @@ fn read_eventually(c: &mut redis::Connection, table: &str, pk: &str) -> Value {
     out
 }
 
-// ---------------------------------------------------------------------------
-// a redis-server of our own: without the module, or from a config file
-
-/// A `redis-server` this file starts itself (the harness always loads the
-/// module on its command line).
-struct OwnRedis {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl OwnRedis {
-    /// A plain server (no module) that allows MODULE and DEBUG, with its
-    /// files in `dir`.
-    fn plain(dir: &Path) -> OwnRedis {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let port = free_port();
-            let log = dir.join(format!("redis-{port}.log"));
-            let args: Vec<OsString> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--enable-module-command",
-                "yes",
-                "--enable-debug-command",
-                "yes",
-                "--dir",
-                dir.to_str().unwrap(),
-                "--logfile",
-                log.to_str().unwrap(),
-            ]
-            .iter()
-            .map(OsString::from)
-            .collect();
-            match Self::spawn(&args, port, log) {
-                Ok(r) => return r,
-                Err(text) if text.contains("Address already in use") => last = text,
-                Err(text) => panic!("plain redis-server did not start:\n{text}"),
-            }
-        }
-        panic!("no free port for redis-server:\n{last}");
-    }
-
-    /// A server started from a config file (which names `port` and `logfile`).
-    fn from_conf(conf: &Path, port: u16, log: &Path) -> OwnRedis {
-        match Self::spawn(&[conf.as_os_str().to_owned()], port, log.to_path_buf()) {
-            Ok(r) => r,
-            Err(text) => panic!(
-                "redis-server from {} did not start:\n{text}",
-                conf.display()
-            ),
-        }
-    }
-
-    fn spawn(args: &[OsString], port: u16, log: PathBuf) -> Result<OwnRedis, String> {
-        let mut cmd = Command::new(redis_server_bin());
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        die_with_test(&mut cmd);
-        let child = cmd.spawn().expect("spawn redis-server");
-        let mut r = OwnRedis { child, port, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                return Err(format!("exited ({status}); log:\n{}", r.log_text()));
-            }
-            if r.ping() {
-                return Ok(r);
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "redis-server neither answered PING nor exited; log:\n{}",
-                    last_lines(&r.log_text(), 40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        if s.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 64];
-        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None)) && self.ping()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn con(&self) -> redis::Connection {
-        con_with_deadline(&self.url())
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Kill it and wait until it is gone.
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- redis log tail (port {}) ----\n{}",
-                self.port,
-                last_lines(&self.log_text(), 40)
-            );
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// SIGKILL the child when the test thread that spawned it exits.
-fn die_with_test(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() == 1 {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
+/// A plain redis-server (the module not loaded) that allows MODULE and DEBUG.
+fn plain_redis() -> RedisServer {
+    RedisServer::builder()
+        .without_module()
+        .server_args(&[
+            "--enable-module-command",
+            "yes",
+            "--enable-debug-command",
+            "yes",
+        ])
+        .start()
 }
 
 /// Run `args` and check that the server answered without an error and is
 /// still up.
 #[track_caller]
-fn must_survive(r: &mut OwnRedis, c: &mut redis::Connection, args: &[&str], after: &str) {
+fn must_survive(r: &mut RedisServer, c: &mut redis::Connection, args: &[&str], after: &str) {
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {
         cmd.arg(*a);
     }
     let reply = c.req_command(&cmd);
     if !r.alive() {
-        let log = r.log_text();
+        let log = r.log();
         let crash = crash_summary(&log);
         panic!(
             "redis-server died running {args:?} after {after} (reply {reply:?}): {crash}\n\
              log tail:\n{}",
-            last_lines(&log, 30)
+            tail(&log, 30)
         );
     }
     match reply {
@@ -447,9 +218,8 @@ fn module_load(c: &mut redis::Connection, args: &[String]) -> Value2 {
 #[test]
 fn refused_module_load_leaves_no_event_callbacks() {
     let pg = PgServer::start_new();
-    let dir = tempfile::tempdir().unwrap();
-    let mut r = OwnRedis::plain(dir.path());
-    let mut c = r.con();
+    let mut r = plain_redis();
+    let mut c = r.con_with_read_timeout(HANG);
 
     let refused = module_load(&mut c, &["pg_prot".into(), "5432".into()]);
     assert!(
@@ -457,9 +227,9 @@ fn refused_module_load_leaves_no_event_callbacks() {
         "MODULE LOAD with the unknown argument pg_prot was accepted: {refused:?}"
     );
     assert!(
-        r.log_text().contains("pg_prot"),
+        r.log().contains("pg_prot"),
         "the log does not name the bad argument pg_prot:\n{}",
-        last_lines(&r.log_text(), 20)
+        tail(&r.log(), 20)
     );
     let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
     let after = "a refused MODULE LOAD (pg_prot)";
@@ -494,9 +264,8 @@ fn refused_module_load_leaves_no_event_callbacks() {
 #[test]
 fn refused_module_load_leaves_no_threads() {
     let pg = PgServer::start_new();
-    let dir = tempfile::tempdir().unwrap();
-    let mut r = OwnRedis::plain(dir.path());
-    let mut c = r.con();
+    let mut r = plain_redis();
+    let mut c = r.con_with_read_timeout(HANG);
     let pid = r.pid();
     let before = threads(pid);
 
@@ -575,7 +344,7 @@ fn cache_prefix_is_checked_at_load() {
         assert!(
             log.lines().any(|l| l.contains("cache_prefix")),
             "load with cache_prefix {bad:?} was refused, but no log line names cache_prefix:\n{}",
-            last_lines(&log, 20)
+            tail(&log, 20)
         );
     }
     let pg = PgServer::start_new();
@@ -727,9 +496,7 @@ fn flushes_delete_only_pgcache_entries() {
         assert!(exists(&mut c, &user_key(id)), "{} not cached", user_key(id));
     }
     let before = stats(&mut c);
-    let pids = listen_session_pids(&pg);
-    assert_eq!(pids.len(), 1, "one LISTEN session: {pids:?}");
-    pg.query_texts(&format!("SELECT pg_terminate_backend({})::text", pids[0]));
+    kill_listener(&pg);
     wait_reconnected_and_flushed(&r, &before);
     for id in 1..=5 {
         assert!(
@@ -770,7 +537,7 @@ fn fills_respect_maxmemory() {
         &["--maxmemory", "8mb", "--maxmemory-policy", "noeviction"],
     );
     wait_listener_ready(&r);
-    let mut c = con_with_deadline(&r.url());
+    let mut c = r.con_with_read_timeout(HANG);
 
     let batch = 500;
     let mut id = 1;
@@ -829,13 +596,7 @@ fn sentinel_round_trip(pg: &PgServer, c: &mut redis::Connection, id: i64, round:
     pg.execute(&format!(
         "UPDATE users SET email = 'sentinel {round}' WHERE id = {id}"
     ));
-    wait_until("the sentinel's notification is applied", || {
-        if exists(c, &user_key(id)) {
-            Err("sentinel still cached".into())
-        } else {
-            Ok(())
-        }
-    });
+    wait_gone_for(c, &user_key(id), "the sentinel's notification is applied");
 }
 
 /// Read users 1..=5 again: all hits (`hits` grows by 5, no query on
@@ -1004,7 +765,7 @@ fn settle(r: &mut RedisServer, c: &mut redis::Connection, after: &str) {
         if !r.alive() {
             panic!(
                 "redis-server died after {after}; log tail:\n{}",
-                last_lines(&r.log(), 30)
+                tail(&r.log(), 30)
             );
         }
         let s = stats(c);
@@ -1051,7 +812,7 @@ fn rm_call_of_a_miss_answers_an_error_and_a_hit_the_row() {
         &["--loadmodule", so.to_str().unwrap()],
     );
     wait_listener_ready(&r);
-    let mut c = con_with_deadline(&r.url());
+    let mut c = r.con_with_read_timeout(HANG);
     // the fixture works, and the catalog knows users
     assert_rmcall_replies_are_own(&mut r, &mut c, "start-up");
     assert_eq!(read(&mut c, "users", r#"{"id":999999}"#).unwrap(), None);
@@ -1133,7 +894,7 @@ fn multi_and_lua_miss_answers_an_error_and_a_hit_the_row() {
     let pg = PgServer::start_new();
     let mut r = RedisServer::with_pg(&pg, &[]);
     wait_listener_ready(&r);
-    let mut c = con_with_deadline(&r.url());
+    let mut c = r.con_with_read_timeout(HANG);
     let row1 = pg.row_json("users", "id = 1").unwrap();
     assert_eq!(read_row(&mut c, "users", r#"{"id":1}"#), row1);
 
@@ -1277,25 +1038,7 @@ fn pg_login(pg: &PgServer, user: &str, password: Option<&str>) -> Result<(), Str
     if let Some(p) = password {
         conn.push_str(&format!(" password={p}"));
     }
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(connection);
-                client
-                    .simple_query("SELECT 1")
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            })
-    })
-    .join()
-    .unwrap()
+    try_connect(&conn)
 }
 
 /// A role that logs in with a password only (scram-sha-256), for the module.
@@ -1321,27 +1064,25 @@ fn password_role(pg: &PgServer) {
     pg_login(pg, "postgres", None).expect("the harness's role still logs in");
 }
 
-/// A redis.conf in `dir` that loads pgcache with `module_args`.
-fn write_conf(dir: &Path, port: u16, module_args: &[String]) -> (PathBuf, PathBuf) {
-    let conf = dir.join("redis.conf");
-    let log = dir.join("redis.log");
-    let text = format!(
-        "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {log}\nsave \"\"\nappendonly no\n\
-         loadmodule {module} {args}\n",
-        dir = dir.display(),
-        log = log.display(),
-        module = module_path().display(),
-        args = module_args.join(" "),
-    );
-    fs::write(&conf, text).unwrap();
-    (conf, log)
+/// A redis-server started from a config file whose `loadmodule` line has
+/// `module_args`.
+fn redis_from_config_file(module_args: &[String]) -> RedisServer {
+    RedisServer::builder()
+        .module_args(module_args)
+        .config_file()
+        .start()
 }
 
-fn module_args_as_pwuser(pg: &PgServer) -> Vec<String> {
-    let mut args = pg.module_args();
-    let i = args.iter().position(|a| a == "pg_user").unwrap();
-    args[i + 1] = PW_ROLE.to_string();
-    args
+/// CONFIG REWRITE on `c`, then a restart from the rewritten file; a
+/// connection to the restarted server.
+fn rewrite_and_restart(r: &mut RedisServer, mut c: redis::Connection) -> redis::Connection {
+    let _: () = redis::cmd("CONFIG")
+        .arg("REWRITE")
+        .query(&mut c)
+        .expect("CONFIG REWRITE");
+    drop(c);
+    r.restart();
+    r.con_with_read_timeout(HANG)
 }
 
 /// M8, the round trip that must keep working: redis-server started from a
@@ -1353,36 +1094,22 @@ fn module_args_as_pwuser(pg: &PgServer) -> Vec<String> {
 fn config_rewrite_keeps_a_load_line_password() {
     let pg = PgServer::start_new();
     password_role(&pg);
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut args = module_args_as_pwuser(&pg);
+    let mut args = pg.module_args_as(PW_ROLE);
     args.extend(["pg_password".to_string(), PW_SECRET.to_string()]);
-    let (conf, log) = write_conf(dir.path(), port, &args);
 
-    let r = OwnRedis::from_conf(&conf, port, &log);
-    let mut c = r.con();
+    let mut r = redis_from_config_file(&args);
+    let mut c = r.con_with_read_timeout(HANG);
     assert_eq!(
         read_row(&mut c, "users", r#"{"id":1}"#),
         pg.row_json("users", "id = 1").unwrap()
     );
-    let _: () = redis::cmd("CONFIG")
-        .arg("REWRITE")
-        .query(&mut c)
-        .expect("CONFIG REWRITE");
-    drop(c);
-    r.stop();
-
-    let r = OwnRedis::from_conf(&conf, port, &log);
-    let mut c = r.con();
+    let mut c = rewrite_and_restart(&mut r, c);
     assert_eq!(
         read_row(&mut c, "users", r#"{"id":2}"#),
         pg.row_json("users", "id = 2").unwrap(),
         "after CONFIG REWRITE and a restart the module cannot read"
     );
-    assert!(
-        !r.log_text().contains(PW_SECRET),
-        "the log shows the password"
-    );
+    assert!(!r.log().contains(PW_SECRET), "the log shows the password");
 }
 
 /// M8 / SPEC §1: a secret given at run time through `pg_password_file`
@@ -1397,13 +1124,11 @@ fn config_rewrite_keeps_a_password_file_set_at_run_time() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pgpass-line");
     fs::write(&file, format!("{PW_SECRET}\n")).unwrap();
-    let port = free_port();
-    let mut args = module_args_as_pwuser(&pg);
+    let mut args = pg.module_args_as(PW_ROLE);
     args.extend(["pg_connect_timeout_ms".to_string(), "2000".to_string()]);
-    let (conf, log) = write_conf(dir.path(), port, &args);
 
-    let r = OwnRedis::from_conf(&conf, port, &log);
-    let mut c = r.con();
+    let mut r = redis_from_config_file(&args);
+    let mut c = r.con_with_read_timeout(HANG);
     expect_err(
         read(&mut c, "users", r#"{"id":1}"#),
         "a READ without the role's password",
@@ -1414,15 +1139,7 @@ fn config_rewrite_keeps_a_password_file_set_at_run_time() {
         read_eventually(&mut c, "users", r#"{"id":1}"#),
         pg.row_json("users", "id = 1").unwrap()
     );
-    let _: () = redis::cmd("CONFIG")
-        .arg("REWRITE")
-        .query(&mut c)
-        .expect("CONFIG REWRITE");
-    drop(c);
-    r.stop();
-
-    let r = OwnRedis::from_conf(&conf, port, &log);
-    let mut c = r.con();
+    let mut c = rewrite_and_restart(&mut r, c);
     assert_eq!(
         read_eventually(&mut c, "users", r#"{"id":2}"#),
         pg.row_json("users", "id = 2").unwrap(),

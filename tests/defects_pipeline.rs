@@ -22,29 +22,10 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::fs;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------
 // private helpers
-
-fn get(c: &mut redis::Connection, key: &str) -> Option<String> {
-    redis::cmd("GET").arg(key).query(c).unwrap()
-}
-
-#[track_caller]
-fn wait_gone(c: &mut redis::Connection, key: &str) {
-    wait_until(&format!("{key} is dropped"), || {
-        if exists(c, key) {
-            Err("still there".into())
-        } else {
-            Ok(())
-        }
-    });
-}
 
 /// The Redis log from byte `from` on.
 fn log_since(r: &RedisServer, from: usize) -> String {
@@ -109,250 +90,14 @@ fn read_cmd(table: &str, pk: &str) -> redis::Cmd {
 
 /// `INFO memory`'s `used_memory_peak`.
 fn used_memory_peak(c: &mut redis::Connection) -> i64 {
-    let info: String = redis::cmd("INFO").arg("memory").query(c).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory_peak:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("INFO memory has no used_memory_peak: {info}"))
+    info_field(c, "memory", "used_memory_peak")
+        .parse()
+        .expect("used_memory_peak is an integer")
 }
 
 /// Calls of the catalog lookup (`to_regclass`) PostgreSQL saw.
 fn catalog_lookups(pg: &PgServer) -> i64 {
     pg.queries_on("to_regclass")
-}
-
-// ---------------------------------------------------------------------------
-// a hot standby of the harness's PostgreSQL
-
-fn running_as_root() -> bool {
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
-}
-
-fn postgres_ids() -> (u32, u32) {
-    let id = |flag: &str| -> u32 {
-        let out = Command::new("id")
-            .args([flag, "postgres"])
-            .output()
-            .expect("run id");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("running as root, but there is no `postgres` user")
-    };
-    (id("-u"), id("-g"))
-}
-
-/// A PostgreSQL binary, run as `postgres` when we are root; it dies with
-/// the thread that spawned it.
-fn pg_binary(name: &str) -> Command {
-    use std::os::unix::process::CommandExt;
-    let mut c = Command::new(pg_bindir().join(name));
-    if running_as_root() {
-        let (uid, gid) = postgres_ids();
-        c.uid(uid).gid(gid);
-    }
-    // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
-    unsafe {
-        c.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() == 1 {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    c
-}
-
-/// Runs one query on `conn` (on a private thread and runtime); the first
-/// column of each row, as text. `None` if PostgreSQL cannot be reached.
-fn pg_query(conn: &str, sql: &str) -> Option<Vec<Option<String>>> {
-    let conn = conn.to_string();
-    let sql = format!("{HARNESS_MARK} {sql}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let (client, connection) =
-                        tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-                            .await
-                            .ok()?;
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    let rows = client.query(sql.as_str(), &[]).await.ok()?;
-                    Some(rows.iter().map(|r| r.get::<_, Option<String>>(0)).collect())
-                })
-        })
-        .join()
-        .unwrap()
-    })
-}
-
-/// A hot standby made with `pg_basebackup -R -X stream` from the harness's
-/// server, in its own temporary directory.
-struct Standby {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Standby {
-    fn start(primary: &PgServer) -> Standby {
-        let dir = tempfile::Builder::new()
-            .prefix("pgcache-test-standby-")
-            .tempdir()
-            .expect("tempdir");
-        if running_as_root() {
-            let st = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .expect("chown");
-            assert!(st.success(), "chown of the standby directory failed");
-        }
-        let data = dir.path().join("data");
-        let out = pg_binary("pg_basebackup")
-            .args(["-h", "127.0.0.1", "-p", &primary.port().to_string()])
-            .args(["-U", "postgres", "-R", "-X", "stream", "--checkpoint=fast"])
-            .arg("-D")
-            .arg(&data)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run pg_basebackup");
-        assert!(
-            out.status.success(),
-            "pg_basebackup failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut standby = Standby {
-            dir,
-            port: 0,
-            child: None,
-        };
-        let mut last = String::new();
-        for _ in 0..5 {
-            standby.port = free_port();
-            match standby.try_start() {
-                Ok(()) => return standby,
-                Err(e) => last = e,
-            }
-        }
-        panic!("the standby did not start: {last}");
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("standby.log")
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn try_start(&mut self) -> Result<(), String> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|e| e.to_string())?;
-        let child = pg_binary("postgres")
-            .arg("-D")
-            .arg(self.data_dir())
-            .args(["-p", &self.port.to_string()])
-            .arg("-k")
-            .arg(self.dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn postgres: {e}"))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
-                self.child = None;
-                return Err(format!("standby exited ({status}); log:\n{}", self.log()));
-            }
-            let answer = pg_query(&self.conn_string(), "SELECT pg_is_in_recovery()::text");
-            if answer
-                .and_then(|v| v.into_iter().next().flatten())
-                .as_deref()
-                == Some("true")
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("standby not ready; log:\n{}", self.log()));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn conn_string(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname={DB_NAME} connect_timeout=10",
-            self.port
-        )
-    }
-
-    fn query_text(&self, sql: &str) -> Option<String> {
-        pg_query(&self.conn_string(), sql)
-            .unwrap_or_else(|| panic!("query on the standby failed: {sql}"))
-            .into_iter()
-            .next()
-            .flatten()
-    }
-
-    /// Calls of statements naming `table` that the standby executed (as the
-    /// harness's `queries_on`, on the standby's pg_stat_statements).
-    fn queries_on(&self, table: &str) -> i64 {
-        let sql = format!(
-            "SELECT COALESCE(sum(calls), 0)::text FROM pg_stat_statements s \
-             WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-               AND s.query ILIKE '%{table}%' \
-               AND s.query NOT ILIKE '%pg_stat_statements%' \
-               AND s.query NOT ILIKE '%pgcache-harness%'"
-        );
-        self.query_text(&sql).unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Standby {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "---- standby log tail ----\n{}",
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            );
-        }
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGQUIT);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -370,8 +115,8 @@ impl Drop for Standby {
 #[test]
 fn listener_on_a_standby_caches_nothing_and_says_why() {
     let pg = PgServer::start_new();
-    let standby = Standby::start(&pg);
-    let r = RedisServer::start(&module_args_for_port(standby.port));
+    let standby = PgServer::standby_of(&pg);
+    let r = RedisServer::start(&standby.module_args());
     let mut c = r.con();
 
     let row1 = pg.row_json("users", "id = 1").unwrap();
@@ -663,12 +408,7 @@ fn ignored_notifications_are_logged_rate_limited() {
     let r = RedisServer::with_pg(&pg, &[]);
     let mut c = r.con();
     wait_listener_ready(&r);
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("loglevel")
-        .arg("debug")
-        .query(&mut c)
-        .unwrap();
+    config_set(&mut c, "loglevel", "debug").unwrap();
     let sentinel_pk = r#"{"category":"books","product_id":1}"#;
     read_row(&mut c, "products", sentinel_pk);
     let protected = r#"pg_cache:users:{"id":1}"#;

@@ -61,18 +61,6 @@ fn wait_for_listener(pg: &PgServer, not: &[String]) -> Vec<String> {
     }
 }
 
-#[track_caller]
-fn wait_gone(c: &mut redis::Connection, key: &str) {
-    let deadline = Instant::now() + HANG;
-    while exists(c, key) {
-        assert!(
-            Instant::now() < deadline,
-            "{key} was never invalidated by the notification"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn invalidate_table_drops_every_entry_of_the_table() {
     let pg = PgServer::start_new();
@@ -262,12 +250,6 @@ fn entries_cached_before_a_listener_gap_are_not_served() {
         "an entry cached before the listener gap was served"
     );
     assert_eq!(pg.queries_on("users"), 1);
-}
-
-fn pgcache_sql() -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql");
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("SPEC §5: the project ships {}: {e}", path.display()))
 }
 
 #[test]

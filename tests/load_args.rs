@@ -5,19 +5,6 @@ mod common;
 
 use common::*;
 
-fn config_get(c: &mut redis::Connection, name: &str) -> Vec<(String, String)> {
-    let flat: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query(c).unwrap();
-    flat.chunks(2)
-        .map(|p| (p[0].clone(), p.get(1).cloned().unwrap_or_default()))
-        .collect()
-}
-
-fn config_value(c: &mut redis::Connection, name: &str) -> String {
-    let v = config_get(c, name);
-    assert_eq!(v.len(), 1, "CONFIG GET {name}: {v:?}");
-    v[0].1.clone()
-}
-
 #[test]
 fn seed_load_line_works() {
     let pg = PgServer::start_new();

@@ -36,11 +36,6 @@ fn finish(mut r: RedisServer) {
     }
 }
 
-fn pgcache_sql() -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 fn redis_cmd(con: &mut redis::Connection, args: &[&[u8]]) -> redis::RedisResult<redis::Value> {
     let mut c = redis::cmd(std::str::from_utf8(args[0]).unwrap());
     for a in &args[1..] {

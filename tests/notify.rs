@@ -12,24 +12,6 @@ use common::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-fn pgcache_sql() -> String {
-    std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql"),
-    )
-    .expect("sql/pgcache.sql")
-}
-
-#[track_caller]
-fn wait_gone(c: &mut redis::Connection, key: &str) {
-    wait_until(&format!("{key} is dropped"), || {
-        if exists(c, key) {
-            Err("still there".into())
-        } else {
-            Ok(())
-        }
-    });
-}
-
 /// Barriers through `app.accounts` (watched): cache a row, change it, wait
 /// until its entry is dropped. Each call uses the next row.
 struct Barrier {

@@ -6,14 +6,6 @@ mod common;
 
 use common::*;
 
-fn info_replication(c: &mut redis::Connection) -> String {
-    redis::cmd("INFO").arg("replication").query(c).unwrap()
-}
-
-fn get(c: &mut redis::Connection, key: &str) -> Option<String> {
-    redis::cmd("GET").arg(key).query(c).unwrap()
-}
-
 /// Everything the primary wrote so far has reached the replica.
 #[track_caller]
 fn replication_barrier(p: &mut redis::Connection, rc: &mut redis::Connection, n: &mut u32) {
@@ -24,7 +16,7 @@ fn replication_barrier(p: &mut redis::Connection, rc: &mut redis::Connection, n:
         if exists(rc, &marker) {
             Ok(())
         } else {
-            Err(info_replication(rc))
+            Err(info(rc, "replication"))
         }
     });
 }
@@ -32,12 +24,7 @@ fn replication_barrier(p: &mut redis::Connection, rc: &mut redis::Connection, n:
 #[test]
 fn replica_serves_replicated_entries_and_caches_nothing_itself() {
     let pg = PgServer::start_new();
-    pg.execute(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql"),
-        )
-        .expect("sql/pgcache.sql"),
-    );
+    pg.execute(&pgcache_sql());
     pg.execute("SELECT pgcache_watch('users')");
     // no 5 s wait before the full sync
     let primary = RedisServer::start_with_server_args(
@@ -53,7 +40,7 @@ fn replica_serves_replicated_entries_and_caches_nothing_itself() {
     let mut p = primary.con();
     let mut rc = replica.con();
     wait_until("the replica's link to the primary is up", || {
-        let info = info_replication(&mut rc);
+        let info = info(&mut rc, "replication");
         if info.contains("master_link_status:up") {
             Ok(())
         } else {

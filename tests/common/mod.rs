@@ -10,6 +10,8 @@
 //! helper.
 #![allow(dead_code)]
 
+pub mod gate;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -185,7 +187,7 @@ fn postgres_ids() -> (u32, u32) {
 
 /// Make a child die with the test (SIGKILL when the thread that spawned it
 /// exits), so a killed or aborted test run leaves no servers behind.
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
     unsafe {
@@ -230,7 +232,8 @@ fn run_checked(mut cmd: Command, what: &str) -> Output {
     out
 }
 
-fn tail(text: &str, lines: usize) -> String {
+/// The last `lines` lines of `text` (of a log, for a failure message).
+pub fn tail(text: &str, lines: usize) -> String {
     let v: Vec<&str> = text.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
 }
@@ -256,6 +259,39 @@ where
     })
 }
 
+/// Run one query on `conn`; the first column of every row, as text. The
+/// query should yield text (cast with `::text`). Not counted by
+/// `queries_on` (it carries the harness marker).
+fn query_texts_on(conn: &str, sql: &str) -> Vec<Option<String>> {
+    let sql = format!("{HARNESS_MARK} {sql}");
+    on_pg_thread(|| async move {
+        connect(conn)
+            .await
+            .query(sql.as_str(), &[])
+            .await
+            .unwrap_or_else(|e| panic!("SQL failed: {sql}: {e:?}"))
+            .iter()
+            .map(|r| r.get::<_, Option<String>>(0))
+            .collect()
+    })
+}
+
+/// Connect to `conn` once and run `SELECT 1`: `Err` with the reason when
+/// PostgreSQL refuses the login or does not answer.
+pub fn try_connect(conn: &str) -> Result<(), String> {
+    on_pg_thread(|| async move {
+        let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// Unix time in seconds, as a float.
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
@@ -274,6 +310,10 @@ pub struct PgServer {
     port: u16,
     /// The postmaster, our child while running.
     child: Option<Child>,
+    /// Settings that come before the harness's own in postgresql.auto.conf
+    /// (a standby's copy of its primary's, with `primary_conninfo`); the
+    /// harness's, written after them, win.
+    inherited_conf: String,
 }
 
 impl PgServer {
@@ -284,9 +324,41 @@ impl PgServer {
     }
 
     pub fn start_with_schema(schema: &str) -> PgServer {
-        let bindir = pg_bindir();
+        let mut pg = Self::in_new_dir("pgcache-test-pg-");
+        let mut initdb = pg_command(&pg.bindir.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(pg.data_dir())
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8"])
+            .args(["--locale=C", "--no-sync", "--no-instructions"]);
+        run_checked(initdb, "initdb");
+        pg.start_on_free_port();
+        pg.setup(schema);
+        pg
+    }
+
+    /// A hot standby of `primary`, made with `pg_basebackup -R -X stream`,
+    /// in its own temporary directory: it answers reads (and counts them in
+    /// its own `pg_stat_statements`), but refuses writes and LISTEN.
+    pub fn standby_of(primary: &PgServer) -> PgServer {
+        let mut pg = Self::in_new_dir("pgcache-test-standby-");
+        let mut backup = pg_command(&pg.bindir.join("pg_basebackup"));
+        backup
+            .args(["-h", "127.0.0.1", "-p", &primary.port().to_string()])
+            .args(["-U", "postgres", "-R", "-X", "stream", "--checkpoint=fast"])
+            .arg("-D")
+            .arg(pg.data_dir());
+        run_checked(backup, "pg_basebackup");
+        pg.inherited_conf = fs::read_to_string(pg.data_dir().join("postgresql.auto.conf"))
+            .expect("read the standby's postgresql.auto.conf");
+        pg.start_on_free_port();
+        pg
+    }
+
+    /// A cluster to be made in a new temporary directory; not started.
+    fn in_new_dir(prefix: &str) -> PgServer {
         let dir = tempfile::Builder::new()
-            .prefix("pgcache-test-pg-")
+            .prefix(prefix)
             .tempdir()
             .expect("tempdir");
         if running_as_root() {
@@ -299,44 +371,32 @@ impl PgServer {
                 "chown data dir",
             );
         }
-        let data = dir.path().join("data");
-        let mut initdb = pg_command(&bindir.join("initdb"));
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8"])
-            .args(["--locale=C", "--no-sync", "--no-instructions"]);
-        run_checked(initdb, "initdb");
-
-        let mut pg = PgServer {
+        PgServer {
             dir,
-            bindir,
+            bindir: pg_bindir(),
             port: 0,
             child: None,
-        };
+            inherited_conf: String::new(),
+        }
+    }
+
+    fn start_on_free_port(&mut self) {
         // The port is chosen before the server binds it; retry on a race.
         let mut last_err = String::new();
         for _ in 0..5 {
-            pg.port = free_port();
-            pg.write_conf();
-            match pg.try_start() {
-                Ok(()) => {
-                    last_err.clear();
-                    break;
-                }
+            self.port = free_port();
+            self.write_conf();
+            match self.try_start() {
+                Ok(()) => return,
                 Err(e) => last_err = e,
             }
         }
-        if !last_err.is_empty() {
-            panic!("PostgreSQL did not start: {last_err}");
-        }
-        pg.setup(schema);
-        pg
+        panic!("PostgreSQL did not start: {last_err}");
     }
 
     fn write_conf(&self) {
         let conf = format!(
-            "\n# pgcache test harness\n\
+            "{inherited}\n# pgcache test harness\n\
              listen_addresses = '127.0.0.1'\n\
              port = {port}\n\
              unix_socket_directories = '{sock}'\n\
@@ -349,6 +409,7 @@ impl PgServer {
              shared_buffers = 16MB\n\
              max_connections = 100\n\
              log_min_messages = warning\n",
+            inherited = self.inherited_conf,
             port = self.port,
             sock = self.dir.path().display(),
         );
@@ -394,17 +455,7 @@ impl PgServer {
                     tail(&self.log(), 20)
                 ));
             }
-            let cs = self.conn_string_for("postgres");
-            let ok = on_pg_thread(|| async move {
-                match tokio_postgres::connect(&cs, tokio_postgres::NoTls).await {
-                    Ok((c, conn)) => {
-                        tokio::spawn(conn);
-                        c.simple_query("SELECT 1").await.is_ok()
-                    }
-                    Err(_) => false,
-                }
-            });
-            if ok {
+            if try_connect(&self.conn_string_for("postgres")).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -468,6 +519,14 @@ impl PgServer {
         module_args_for_port(self.port)
     }
 
+    /// `module_args`, connecting as `user` instead of `postgres`.
+    pub fn module_args_as(&self, user: &str) -> Vec<String> {
+        let mut args = self.module_args();
+        let i = args.iter().position(|a| a == "pg_user").unwrap();
+        args[i + 1] = user.to_string();
+        args
+    }
+
     /// A tokio-postgres client; its connection task runs on the caller's
     /// runtime.
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -510,18 +569,7 @@ impl PgServer {
     /// Run one query; the first column of every row, as text.
     /// The query should yield text (cast with `::text`).
     pub fn query_texts(&self, sql: &str) -> Vec<Option<String>> {
-        let cs = self.conn_string();
-        let sql = format!("{HARNESS_MARK} {sql}");
-        on_pg_thread(|| async move {
-            connect(&cs)
-                .await
-                .query(sql.as_str(), &[])
-                .await
-                .unwrap_or_else(|e| panic!("SQL failed: {sql}: {e:?}"))
-                .iter()
-                .map(|r| r.get::<_, Option<String>>(0))
-                .collect()
-        })
+        query_texts_on(&self.conn_string(), sql)
     }
 
     /// The first column of the first row as text.
@@ -609,6 +657,21 @@ impl Drop for PgServer {
     }
 }
 
+/// `sql/pgcache.sql`, the watch functions the project ships (SPEC §5).
+pub fn pgcache_sql() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql");
+    fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("SPEC §5: the project ships {}: {e}", path.display()))
+}
+
+/// A PostgreSQL with the standard schema and `users` watched.
+pub fn watched_pg() -> PgServer {
+    let pg = PgServer::start_new();
+    pg.execute(&pgcache_sql());
+    pg.execute("SELECT pgcache_watch('users')");
+    pg
+}
+
 async fn connect(conn: &str) -> tokio_postgres::Client {
     let mut last = None;
     for _ in 0..50 {
@@ -660,6 +723,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// Under valgrind: its log was checked already (`shutdown_checked`).
     valgrind_checked: bool,
+    /// How it was started; `restart` starts it the same way.
+    builder: RedisBuilder,
 }
 
 /// What happened when a server was started with some module arguments.
@@ -669,19 +734,178 @@ pub enum Start {
     Refused(String),
 }
 
+/// How a `redis-server` is started: `RedisServer::builder()`, the options
+/// a test needs, then `start`. By default it loads the module, without
+/// arguments, from redis-server's command line.
+#[derive(Clone)]
+pub struct RedisBuilder {
+    /// Load the module at start-up (else a plain server; MODULE LOAD may
+    /// load it later).
+    with_module: bool,
+    module_args: Vec<String>,
+    server_args: Vec<String>,
+    env: Vec<(String, String)>,
+    config_file: bool,
+}
+
+impl RedisBuilder {
+    /// The module's arguments, on its load line.
+    pub fn module_args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        self.module_args = args.iter().map(|a| a.as_ref().to_string()).collect();
+        self
+    }
+
+    /// A plain redis-server: the module is not loaded at start-up.
+    pub fn without_module(mut self) -> Self {
+        self.with_module = false;
+        self
+    }
+
+    /// redis-server options (`["--replicaof", "127.0.0.1 6379"]`, `["--dir",
+    /// "/x"]`...), given after the harness's own (so a `--dir` overrides the
+    /// harness's; the log stays in the harness's directory).
+    pub fn server_args(mut self, args: &[&str]) -> Self {
+        self.server_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Variables in redis-server's environment (e.g. `PGCACHE_TEST_FAULTS`).
+    pub fn env(mut self, vars: &[(&str, &str)]) -> Self {
+        self.env
+            .extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// Start from a `redis.conf` in the server's directory that holds the
+    /// harness's options and the module's load line, so that CONFIG REWRITE
+    /// has a file to rewrite (and `restart` reads it back); `server_args`
+    /// follow it on the command line.
+    pub fn config_file(mut self) -> Self {
+        self.config_file = true;
+        self
+    }
+
+    /// Start; panics (with the log) if the server does not come up.
+    pub fn start(&self) -> RedisServer {
+        match self.try_start() {
+            Start::Up(r) => r,
+            Start::Refused(log) if self.with_module => panic!(
+                "redis-server with pgcache did not start; log:\n{}",
+                tail(&log, 40)
+            ),
+            Start::Refused(log) => panic!("plain redis-server did not start:\n{log}"),
+        }
+    }
+
+    pub fn try_start(&self) -> Start {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::Builder::new()
+                .prefix("pgcache-test-redis-")
+                .tempdir()
+                .expect("tempdir");
+            let port = free_port();
+            if self.config_file {
+                self.write_config_file(dir.path(), port);
+            }
+            let child = self
+                .command(dir.path(), port)
+                .spawn()
+                .expect("spawn redis-server");
+            let mut server = RedisServer {
+                child,
+                port,
+                dir,
+                valgrind_checked: false,
+                builder: self.clone(),
+            };
+            match server.wait_for_ping() {
+                Ok(()) => return Start::Up(server),
+                // retry on another port
+                Err(log) if log.contains("Address already in use") => last = log,
+                Err(log) => return Start::Refused(log),
+            }
+        }
+        panic!("could not find a free port for redis-server; log:\n{last}");
+    }
+
+    /// The harness's own options: 127.0.0.1:`port`, no persistence, the
+    /// files in `dir`.
+    fn own_options(dir: &Path, port: u16) -> [(&'static str, String); 6] {
+        [
+            ("port", port.to_string()),
+            ("bind", "127.0.0.1".into()),
+            ("save", String::new()),
+            ("appendonly", "no".into()),
+            ("dir", dir.display().to_string()),
+            ("logfile", dir.join("redis.log").display().to_string()),
+        ]
+    }
+
+    fn write_config_file(&self, dir: &Path, port: u16) {
+        // Quoted, as redis.conf reads words: `save ""`, a path with spaces.
+        let quoted =
+            |word: &str| format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""));
+        let mut text = String::from("# pgcache test harness\n");
+        for (name, value) in Self::own_options(dir, port) {
+            text.push_str(&format!("{name} {}\n", quoted(&value)));
+        }
+        if self.with_module {
+            let module = module_path().display().to_string();
+            let words: Vec<String> = std::iter::once(&module)
+                .chain(&self.module_args)
+                .map(|w| quoted(w))
+                .collect();
+            text.push_str(&format!("loadmodule {}\n", words.join(" ")));
+        }
+        fs::write(dir.join("redis.conf"), text).expect("write redis.conf");
+    }
+
+    fn command(&self, dir: &Path, port: u16) -> Command {
+        let mut cmd = if valgrind::enabled() {
+            valgrind::command(dir)
+        } else {
+            Command::new(redis_server_bin())
+        };
+        if self.config_file {
+            cmd.arg(dir.join("redis.conf"));
+        } else {
+            for (name, value) in Self::own_options(dir, port) {
+                cmd.arg(format!("--{name}")).arg(value);
+            }
+        }
+        cmd.args(&self.server_args);
+        if self.with_module && !self.config_file {
+            cmd.arg("--loadmodule")
+                .arg(module_path())
+                .args(&self.module_args);
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut cmd);
+        cmd
+    }
+}
+
 impl RedisServer {
+    /// For a server that `start` and its siblings do not make (a plain one
+    /// that allows MODULE, one started from a config file...).
+    pub fn builder() -> RedisBuilder {
+        RedisBuilder {
+            with_module: true,
+            module_args: Vec::new(),
+            server_args: Vec::new(),
+            env: Vec::new(),
+            config_file: false,
+        }
+    }
+
     /// Start with the module and these module arguments; panics (with the
     /// log) if the server does not come up.
     pub fn start<S: AsRef<str>>(module_args: &[S]) -> RedisServer {
-        match Self::try_start(module_args) {
-            Start::Up(r) => r,
-            Start::Refused(log) => {
-                panic!(
-                    "redis-server with pgcache did not start; log:\n{}",
-                    tail(&log, 40)
-                )
-            }
-        }
+        Self::builder().module_args(module_args).start()
     }
 
     /// Start pointed at `pg`, plus `extra` module arguments. Returns once
@@ -730,118 +954,70 @@ impl RedisServer {
     }
 
     pub fn try_start<S: AsRef<str>>(module_args: &[S]) -> Start {
-        Self::launch(Some(&module_path()), module_args, &[], &[])
+        Self::builder().module_args(module_args).try_start()
     }
 
     /// Start with the module and these module arguments, plus redis-server
-    /// options (`["--replicaof", "127.0.0.1 6379"]`, `["--dir", "/x"]`...),
-    /// given before `--loadmodule` (so a later `--dir` overrides the
-    /// harness's own; the log stays in the harness's directory).
+    /// options (see `RedisBuilder::server_args`).
     pub fn start_with_server_args<S: AsRef<str>>(
         module_args: &[S],
         server_args: &[&str],
     ) -> RedisServer {
-        match Self::launch(Some(&module_path()), module_args, server_args, &[]) {
-            Start::Up(r) => r,
-            Start::Refused(log) => {
-                panic!(
-                    "redis-server with pgcache did not start; log:\n{}",
-                    tail(&log, 40)
-                )
-            }
-        }
+        Self::builder()
+            .module_args(module_args)
+            .server_args(server_args)
+            .start()
     }
 
     /// Start with the module, these module arguments and these variables
     /// in redis-server's environment (e.g. `PGCACHE_TEST_FAULTS`).
     pub fn start_with_env<S: AsRef<str>>(module_args: &[S], env: &[(&str, &str)]) -> RedisServer {
-        match Self::launch(Some(&module_path()), module_args, &[], env) {
-            Start::Up(r) => r,
-            Start::Refused(log) => {
-                panic!(
-                    "redis-server with pgcache did not start; log:\n{}",
-                    tail(&log, 40)
-                )
-            }
-        }
+        Self::builder().module_args(module_args).env(env).start()
     }
 
     /// A plain redis-server without the module (to check the harness).
     pub fn start_plain() -> RedisServer {
-        match Self::launch::<&str>(None, &[], &[], &[]) {
-            Start::Up(r) => r,
-            Start::Refused(log) => panic!("plain redis-server did not start:\n{log}"),
+        Self::builder().without_module().start()
+    }
+
+    /// Stop (as `shutdown_checked`: under valgrind its verdict must be
+    /// clean) and start again with the same command line, port and
+    /// directory: the log goes on, and a config file rewritten meanwhile is
+    /// read back.
+    pub fn restart(&mut self) {
+        if let Err(report) = self.shutdown_checked() {
+            panic!("{report}");
+        }
+        self.valgrind_checked = false;
+        self.child = self
+            .builder
+            .command(self.dir.path(), self.port)
+            .spawn()
+            .expect("spawn redis-server");
+        if let Err(log) = self.wait_for_ping() {
+            panic!("redis-server did not start again; log:\n{}", tail(&log, 40));
         }
     }
 
-    fn launch<S: AsRef<str>>(
-        module: Option<&Path>,
-        module_args: &[S],
-        server_args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Start {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let dir = tempfile::Builder::new()
-                .prefix("pgcache-test-redis-")
-                .tempdir()
-                .expect("tempdir");
-            let port = free_port();
-            let log = dir.path().join("redis.log");
-            let mut cmd = if valgrind::enabled() {
-                valgrind::command(dir.path())
-            } else {
-                Command::new(redis_server_bin())
-            };
-            cmd.arg("--port")
-                .arg(port.to_string())
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .arg("--logfile")
-                .arg(&log)
-                .args(server_args);
-            if let Some(module) = module {
-                cmd.arg("--loadmodule").arg(module);
-                for a in module_args {
-                    cmd.arg(a.as_ref());
-                }
+    /// Waits until the server answers PING; `Err` with its log if it exited
+    /// first. Panics if it does neither in time.
+    fn wait_for_ping(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30) * valgrind::slowdown();
+        loop {
+            if let Ok(Some(_status)) = self.child.try_wait() {
+                return Err(self.log());
             }
-            cmd.envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            die_with_parent(&mut cmd);
-            let child = cmd.spawn().expect("spawn redis-server");
-            let mut server = RedisServer {
-                child,
-                port,
-                dir,
-                valgrind_checked: false,
-            };
-            let deadline = Instant::now() + Duration::from_secs(30) * valgrind::slowdown();
-            loop {
-                if let Ok(Some(_status)) = server.child.try_wait() {
-                    let text = server.log();
-                    if text.contains("Address already in use") {
-                        last = text;
-                        break; // retry on another port
-                    }
-                    return Start::Refused(text);
-                }
-                if server.raw_ping() {
-                    return Start::Up(server);
-                }
-                if Instant::now() > deadline {
-                    panic!(
-                        "redis-server neither answered PING nor exited; log:\n{}",
-                        tail(&server.log(), 40)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if self.raw_ping() {
+                return Ok(());
             }
+            if Instant::now() > deadline {
+                panic!(
+                    "redis-server neither answered PING nor exited; log:\n{}",
+                    tail(&self.log(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("could not find a free port for redis-server; log:\n{last}");
     }
 
     /// PING over a plain socket (used only while waiting for start-up).
@@ -862,6 +1038,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The process id of redis-server (under valgrind, of valgrind).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
@@ -880,6 +1061,22 @@ impl RedisServer {
         // receive interrupted by a stop/continue of the process, and the
         // client reports EINTR as an I/O error. Tests bound their waits
         // with deadlines instead.
+        c
+    }
+
+    /// A sync connection whose reads give up after `timeout`: a hang
+    /// detector, for tests that never stop and continue the server (see
+    /// `con`).
+    pub fn con_with_read_timeout(&self, timeout: Duration) -> redis::Connection {
+        let c = self.con();
+        c.set_read_timeout(Some(timeout)).unwrap();
+        c
+    }
+
+    /// A connection with database `db` selected.
+    pub fn db_con(&self, db: i64) -> redis::Connection {
+        let mut c = self.con();
+        let _: () = redis::cmd("SELECT").arg(db).query(&mut c).unwrap();
         c
     }
 
@@ -1223,6 +1420,15 @@ pub fn invalidate(
         .query(con)
 }
 
+pub fn get(con: &mut redis::Connection, key: &str) -> Option<String> {
+    redis::cmd("GET").arg(key).query(con).unwrap()
+}
+
+/// The key of `users` row `id` under the default prefix.
+pub fn user_key(id: i64) -> String {
+    format!(r#"pg_cache:users:{{"id":{id}}}"#)
+}
+
 pub fn ttl(con: &mut redis::Connection, key: &str) -> i64 {
     redis::cmd("TTL").arg(key).query(con).unwrap()
 }
@@ -1240,6 +1446,50 @@ pub fn keys(con: &mut redis::Connection, pattern: &str) -> Vec<String> {
 
 pub fn ping(con: &mut redis::Connection) -> bool {
     matches!(redis::cmd("PING").query::<String>(con), Ok(s) if s == "PONG")
+}
+
+pub fn config_set(con: &mut redis::Connection, name: &str, value: &str) -> redis::RedisResult<()> {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query(con)
+}
+
+/// `CONFIG GET` of a name or pattern: (name, value) pairs.
+pub fn config_get(con: &mut redis::Connection, name: &str) -> Vec<(String, String)> {
+    let flat: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query(con)
+        .unwrap();
+    flat.chunks(2)
+        .map(|p| (p[0].clone(), p.get(1).cloned().unwrap_or_default()))
+        .collect()
+}
+
+/// The value of the one config `name`.
+#[track_caller]
+pub fn config_value(con: &mut redis::Connection, name: &str) -> String {
+    let v = config_get(con, name);
+    assert_eq!(v.len(), 1, "CONFIG GET {name}: {v:?}");
+    v[0].1.clone()
+}
+
+/// The text of one INFO section.
+pub fn info(con: &mut redis::Connection, section: &str) -> String {
+    redis::cmd("INFO").arg(section).query(con).unwrap()
+}
+
+/// One field of an INFO section (`used_memory` of `memory`).
+#[track_caller]
+pub fn info_field(con: &mut redis::Connection, section: &str, field: &str) -> String {
+    let info = info(con, section);
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("INFO {section} has no {field}:\n{info}"))
+        .trim()
+        .to_string()
 }
 
 pub fn stats(con: &mut redis::Connection) -> Value {
@@ -1515,6 +1765,53 @@ pub fn listen_session_pids(pg: &PgServer) -> Vec<String> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// Terminates the module's LISTEN session (there must be exactly one).
+pub fn kill_listener(pg: &PgServer) {
+    let pids = listen_session_pids(pg);
+    assert_eq!(pids.len(), 1, "one LISTEN session: {pids:?}");
+    pg.query_texts(&format!("SELECT pg_terminate_backend({})::text", pids[0]));
+}
+
+/// Wait until the listener has reconnected since `before` (a STATS) and the
+/// flush that follows the reconnect is over; returns the STATS that says so.
+#[track_caller]
+pub fn wait_reconnected_and_flushed(r: &RedisServer, before: &Value) -> Value {
+    let mut c = r.con();
+    let mut out = Value::Null;
+    wait_until("listener reconnected and gap flush over", || {
+        let s = stats(&mut c);
+        if stat_of(&s, "listener_reconnects") > stat_of(before, "listener_reconnects")
+            && stat_of(&s, "flushes") > stat_of(before, "flushes")
+            && stat_str(&s, "listener") == "connected"
+            && stat_of(&s, "gap_flush_running") == 0
+        {
+            out = s;
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    out
+}
+
+/// Wait until `key` is dropped (its invalidation applied).
+#[track_caller]
+pub fn wait_gone(c: &mut redis::Connection, key: &str) {
+    wait_gone_for(c, key, &format!("{key} is dropped"));
+}
+
+/// `wait_gone`, saying what the key's going means.
+#[track_caller]
+pub fn wait_gone_for(c: &mut redis::Connection, key: &str, what: &str) {
+    wait_until(what, || {
+        if exists(c, key) {
+            Err(format!("{key} still cached"))
+        } else {
+            Ok(())
+        }
+    });
 }
 
 /// Wait until STATS says the listener is connected and no gap flush runs:
