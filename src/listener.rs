@@ -125,17 +125,20 @@ async fn handle_events(mut queue: EventQueue, session: u64) {
             ListenerEvent::Disconnected(reason) => {
                 resolver = None;
                 let was = entries::listener();
-                if was == entries::LISTENER_CONNECTED {
-                    stats::inc(&STATS.listener_reconnects);
-                }
+                // In one hold of Redis's lock, so that STATS and INFO show
+                // the state, the trust state and the count together.
+                let error = reason.clone();
                 let _ = gil::run(move |_| {
                     if current(session) {
                         entries::set_listener(entries::LISTENER_DISCONNECTED);
+                        entries::set_listener_error(&error);
                         entries::listener_lost();
+                        if was == entries::LISTENER_CONNECTED {
+                            stats::inc(&STATS.listener_reconnects);
+                        }
                     }
                 })
                 .await;
-                entries::set_listener_error(&reason);
                 if was == entries::LISTENER_CONNECTED {
                     log::warning(&format!(
                         "pgcache: invalidation listener disconnected: {reason}; reconnecting"
