@@ -675,6 +675,21 @@ fn pair_pk(rng: &mut Rng, a: i32, b: &str) -> String {
 
 /// What a READ of `table` with these key members must answer: nil, or an
 /// object whose key columns are the ones asked for.
+/// A MULTIREAD answer of `items`: an array with one row (or null) per id
+/// asked for, each of the shape `shape_ok` accepts.
+fn items_answer_ok(got: &str, ids: &[i32]) -> bool {
+    match serde_json::from_str::<Value>(got) {
+        Ok(Value::Array(rows)) => {
+            rows.len() == ids.len()
+                && rows
+                    .iter()
+                    .zip(ids)
+                    .all(|(row, &id)| shape_ok(row, &[("id", id.into())]))
+        }
+        _ => false,
+    }
+}
+
 fn shape_ok(answer: &Value, want: &[(&str, Value)]) -> bool {
     answer.is_null()
         || (answer.is_object() && want.iter().all(|(col, v)| answer.get(*col) == Some(v)))
@@ -763,16 +778,7 @@ fn reader(idx: usize, seed: u64, port: u16, sh: Arc<Shared>) {
                 got
             };
             let r = in_db().map(|got| {
-                let ok = match serde_json::from_str::<Value>(&got) {
-                    Ok(Value::Array(rows)) => {
-                        rows.len() == ids.len()
-                            && rows
-                                .iter()
-                                .zip(&ids)
-                                .all(|(row, &id)| shape_ok(row, &[("id", id.into())]))
-                    }
-                    _ => false,
-                };
+                let ok = items_answer_ok(&got, &ids);
                 if !ok {
                     sh.bad_answer(format!("MULTIREAD items {arg} in db {db} answered {got:?}"));
                 }
@@ -815,16 +821,7 @@ fn reader(idx: usize, seed: u64, port: u16, sh: Arc<Shared>) {
             sh.tally.add("reads.multiread");
             sh.tally.add_n("reads.multiread_keys", n as u64);
             let r = cmd.query::<String>(c).map(|got| {
-                let ok = match serde_json::from_str::<Value>(&got) {
-                    Ok(Value::Array(rows)) => {
-                        rows.len() == ids.len()
-                            && rows
-                                .iter()
-                                .zip(&ids)
-                                .all(|(row, &id)| shape_ok(row, &[("id", id.into())]))
-                    }
-                    _ => false,
-                };
+                let ok = items_answer_ok(&got, &ids);
                 if !ok {
                     sh.bad_answer(format!("MULTIREAD items {arg} answered {got:?}"));
                 }
