@@ -885,6 +885,69 @@ fn rm_call_of_a_miss_answers_an_error_and_a_hit_the_row() {
     assert!(r.alive(), "redis-server died");
 }
 
+/// M10, nested: another module's command inside MULTI/EXEC that calls
+/// PGCACHE.READ through `RM_Call`. Its temporary client has no ACL user and
+/// is met here for the first time inside the transaction (a fresh server):
+/// the hit answers the row, the miss the `cannot wait` error, and Redis
+/// stays up. Then the same from a Lua script.
+#[test]
+fn rm_call_inside_multi_and_a_script_answers_without_crashing() {
+    let pg = PgServer::start_new();
+    let dir = tempfile::tempdir().unwrap();
+    let so = build_rmcall(dir.path());
+    let mut r = RedisServer::start_with_server_args(
+        &pg.module_args(),
+        &["--loadmodule", so.to_str().unwrap()],
+    );
+    wait_listener_ready(&r);
+    let mut c = r.con_with_read_timeout(HANG);
+    let expected = pg.row_json("users", "id = 1").unwrap();
+    assert_eq!(read_row(&mut c, "users", r#"{"id":1}"#), expected);
+
+    let _: () = redis::cmd("MULTI").query(&mut c).unwrap();
+    for id in [1, 2] {
+        let _: () = redis::cmd("RMCALL.CALL")
+            .arg("PGCACHE.READ")
+            .arg("users")
+            .arg(format!(r#"{{"id":{id}}}"#))
+            .query(&mut c)
+            .unwrap();
+    }
+    let exec = raw_on(&mut r, &mut c, &["EXEC"]);
+    let redis::Value::Array(items) = &exec.0 else {
+        panic!("EXEC answered {exec:?}");
+    };
+    assert_eq!(items.len(), 2, "{exec:?}");
+    assert_eq!(
+        string_of(&items[0]).map(|s| json(&s)),
+        Some(expected.clone()),
+        "the hit through RM_Call inside MULTI: {exec:?}"
+    );
+    assert!(
+        error_text(&items[1]).is_some_and(|e| e.contains(CANNOT_WAIT)),
+        "the miss through RM_Call inside MULTI: {exec:?}"
+    );
+    assert!(r.alive(), "redis-server died");
+
+    let hit = raw_on(
+        &mut r,
+        &mut c,
+        &[
+            "EVAL",
+            "return redis.call('RMCALL.CALL', 'PGCACHE.READ', 'users', ARGV[1])",
+            "0",
+            r#"{"id":1}"#,
+        ],
+    );
+    assert_eq!(
+        hit.text().map(|s| json(&s)),
+        Some(expected),
+        "the hit through RM_Call from a script: {hit:?}"
+    );
+    assert!(ping(&mut c));
+    assert!(r.alive(), "redis-server died");
+}
+
 /// M10: inside MULTI/EXEC a miss (READ, MULTIREAD, and a table never looked
 /// up) is an element error containing `cannot wait for PostgreSQL here`,
 /// while a hit in the same transaction answers the row; inside a Lua script

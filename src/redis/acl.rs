@@ -124,13 +124,15 @@ fn no_permission(key: &[u8]) -> RedisError {
     ))
 }
 
-/// Whether the context's client is the temporary client of another
-/// module's `RM_Call`: it may block nothing (`DENY_BLOCKING`) and runs
-/// neither inside MULTI nor a script (whose clients carry a user). Known
-/// per client id (ids are never reused), so the context flags, which cost
-/// a few percent of a hit, are read once per client, not once per command.
-/// (A module command that a script runs and that calls PGCACHE.* through
-/// `RM_Call` is taken for the script itself.)
+/// Whether the context's client has no ACL user that a module can read:
+/// the temporary client of another module's `RM_Call` (not among Redis's
+/// clients; `RM_GetCurrentUserName` would dereference its missing user), or
+/// a client with no user (the replication link). Known per client id (ids
+/// are never reused), so the lookups below run once per client, not once
+/// per command. A script's client is not among Redis's clients either but
+/// carries the caller's user; a module command that a script runs and that
+/// calls PGCACHE.* through `RM_Call` is taken for the script's client unless
+/// that temporary client was met outside a script before.
 fn is_module_call(ctx: &Context) -> bool {
     // SAFETY: a live context.
     let id = unsafe { raw::RedisModule_GetClientId.unwrap()(ctx.ctx) };
@@ -139,15 +141,29 @@ fn is_module_call(ctx: &Context) -> bool {
     if id != 0 && known >> 1 == id {
         return known & 1 == 1;
     }
-    let flags = ctx.get_flags();
-    let module_call = flags.contains(ContextFlags::DENY_BLOCKING)
-        && !flags.intersects(ContextFlags::MULTI | ContextFlags::LUA);
-    // Inside MULTI or a script, the kind of a client is not decided yet.
-    if !flags.intersects(ContextFlags::MULTI | ContextFlags::LUA) && id < 1 << 63 {
-        slot.store(id << 1 | u64::from(module_call), Ordering::Relaxed);
+    // SAFETY: a live context; the name (when there is one) is freed here.
+    let name = unsafe { raw::RedisModule_GetClientUserNameById.unwrap()(ctx.ctx, id) };
+    let (no_user, certain) = if !name.is_null() {
+        // SAFETY: made for this call, not shared.
+        unsafe { raw::RedisModule_FreeString.unwrap()(ctx.ctx, name) };
+        (false, true)
+    } else if std::io::Error::last_os_error().raw_os_error() == Some(ENOTSUP) {
+        (true, true)
+    } else if ctx.get_flags().contains(ContextFlags::LUA) {
+        // Not among Redis's clients: the script's own client, most likely.
+        (false, false)
+    } else {
+        (true, true)
+    };
+    if certain && id < 1 << 63 {
+        slot.store(id << 1 | u64::from(no_user), Ordering::Relaxed);
     }
-    module_call
+    no_user
 }
+
+/// `ENOTSUP` on Linux: what `RM_GetClientUserNameById` sets for a client
+/// without a user.
+const ENOTSUP: i32 = 95;
 
 /// Client id → whether it is a module call's temporary client, as
 /// `id << 1 | flag`: a plain array (command handlers run on Redis's main
