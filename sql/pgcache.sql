@@ -6,52 +6,105 @@
 --
 -- The row trigger sends only the primary-key columns of the old and new row,
 -- so a payload stays far below NOTIFY's 8000-byte limit whatever the row's
--- width, and a write never fails because of the cache. A statement trigger
--- makes TRUNCATE drop the table's entries. Idempotent: run this file, and
--- pgcache_watch, as often as you like.
+-- width, and a write never fails because of the cache. It finds the key
+-- columns when it runs, so a changed primary key needs no new pgcache_watch.
+-- A statement trigger makes TRUNCATE drop the table's entries.
+--
+-- Partitioned tables: watch the partitioned table. Payloads name the root
+-- of the partition tree (entries live under the name clients read), the row
+-- trigger is cloned onto every partition by PostgreSQL, and the TRUNCATE
+-- trigger is installed on every partition. When this file is run by a
+-- superuser it also installs an event trigger that gives partitions created
+-- or attached later their TRUNCATE trigger, and tells the module when a
+-- watched table is altered (its entries are dropped); without it, run
+-- pgcache_watch again after adding partitions.
+--
+-- Idempotent: run this file, and pgcache_watch, as often as you like.
 
 CREATE OR REPLACE FUNCTION pgcache_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     channel text := TG_ARGV[0];
-    pk text[] := '{}';
+    sch text;
+    tbl text;
+    pk text[];
     old_pk jsonb;
     new_pk jsonb;
 BEGIN
-    IF TG_LEVEL = 'STATEMENT' THEN
-        PERFORM pg_notify(channel, json_build_object(
-            'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'operation', TG_OP)::text);
+    -- The root of the partition tree (the table itself when not a
+    -- partition), and the key columns as they are now.
+    SELECT n.nspname, c.relname,
+           (SELECT pg_catalog.array_agg(a.attname::text)
+              FROM pg_catalog.pg_index i
+              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+             WHERE i.indrelid = TG_RELID AND i.indisprimary)
+      INTO sch, tbl, pk
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = COALESCE(pg_catalog.pg_partition_root(TG_RELID), TG_RELID);
+    IF TG_LEVEL = 'STATEMENT' OR pk IS NULL THEN
+        -- TRUNCATE, or a table that lost its primary key: all its entries go.
+        PERFORM pg_catalog.pg_notify(channel, pg_catalog.json_build_object(
+            'schema', sch, 'table', tbl, 'operation', 'TRUNCATE')::text);
         RETURN NULL;
     END IF;
-    FOR i IN 1 .. TG_NARGS - 1 LOOP
-        pk := pk || TG_ARGV[i];
-    END LOOP;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        SELECT jsonb_object_agg(key, value) INTO old_pk
-          FROM jsonb_each(to_jsonb(OLD)) WHERE key = ANY (pk);
+        SELECT pg_catalog.jsonb_object_agg(key, value) INTO old_pk
+          FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb(OLD)) WHERE key = ANY (pk);
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        SELECT jsonb_object_agg(key, value) INTO new_pk
-          FROM jsonb_each(to_jsonb(NEW)) WHERE key = ANY (pk);
+        SELECT pg_catalog.jsonb_object_agg(key, value) INTO new_pk
+          FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb(NEW)) WHERE key = ANY (pk);
     END IF;
     IF TG_OP = 'UPDATE' AND old_pk = new_pk THEN
         new_pk := NULL;
     END IF;
-    PERFORM pg_notify(channel, json_build_object(
-        'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'operation', TG_OP,
+    PERFORM pg_catalog.pg_notify(channel, pg_catalog.json_build_object(
+        'schema', sch, 'table', tbl, 'operation', TG_OP,
         'old_data', old_pk, 'new_data', new_pk)::text);
     RETURN NULL;
+END
+$$;
+
+-- The channel a watched table's triggers notify (NULL: not watched).
+CREATE OR REPLACE FUNCTION pgcache_channel(tbl regclass) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT pg_catalog.convert_from(
+               pg_catalog.substr(t.tgargs, 1, position('\x00'::bytea IN t.tgargs) - 1),
+               'UTF8')
+      FROM pg_catalog.pg_trigger t
+     WHERE t.tgrelid = tbl AND t.tgname = 'pgcache_truncate'
+$$;
+
+-- Gives every partition under tbl that lacks one the TRUNCATE trigger.
+CREATE OR REPLACE FUNCTION pgcache_watch_partitions(tbl regclass, channel text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    part regclass;
+BEGIN
+    FOR part IN SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p
+                 WHERE p.relid <> tbl
+                   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                                    WHERE t.tgrelid = p.relid AND t.tgname = 'pgcache_truncate') LOOP
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER pgcache_truncate AFTER TRUNCATE ON %s '
+            'FOR EACH STATEMENT EXECUTE FUNCTION pgcache_notify(%L)', part, channel);
+    END LOOP;
 END
 $$;
 
 CREATE OR REPLACE FUNCTION pgcache_unwatch(tbl regclass) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    name text;
+    trig record;
 BEGIN
-    FOR name IN SELECT tgname FROM pg_trigger
-                 WHERE tgrelid = tbl AND tgname IN ('pgcache_row', 'pgcache_truncate') LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', name, tbl);
+    -- The table's own triggers (a partition's clones of the row trigger go
+    -- with their parent's) and every partition's TRUNCATE trigger.
+    FOR trig IN SELECT t.tgname, t.tgrelid::regclass AS rel
+                  FROM pg_catalog.pg_trigger t
+                 WHERE t.tgname IN ('pgcache_row', 'pgcache_truncate') AND t.tgparentid = 0
+                   AND (t.tgrelid = tbl OR (t.tgname = 'pgcache_truncate' AND t.tgrelid IN
+                        (SELECT p.relid FROM pg_catalog.pg_partition_tree(tbl) p))) LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', trig.tgname, trig.rel);
     END LOOP;
 END
 $$;
@@ -59,22 +112,64 @@ $$;
 CREATE OR REPLACE FUNCTION pgcache_watch(tbl regclass, channel text DEFAULT 'cache_invalidation')
 RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    cols text;
 BEGIN
-    SELECT string_agg(quote_literal(a.attname), ', ' ORDER BY a.attnum) INTO cols
-      FROM pg_index i
-      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-     WHERE i.indrelid = tbl AND i.indisprimary;
-    IF cols IS NULL THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
         RAISE EXCEPTION 'pgcache_watch: table % has no primary key', tbl;
     END IF;
     PERFORM pgcache_unwatch(tbl);
-    EXECUTE format(
-        'CREATE TRIGGER pgcache_row AFTER INSERT OR UPDATE OR DELETE ON %s '
-        'FOR EACH ROW EXECUTE FUNCTION pgcache_notify(%s, %s)', tbl, quote_literal(channel), cols);
-    EXECUTE format(
+    -- A partition whose parent is watched already has the row trigger's clone.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid = tbl AND t.tgname = 'pgcache_row') THEN
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER pgcache_row AFTER INSERT OR UPDATE OR DELETE ON %s '
+            'FOR EACH ROW EXECUTE FUNCTION pgcache_notify(%L)', tbl, channel);
+    END IF;
+    EXECUTE pg_catalog.format(
         'CREATE TRIGGER pgcache_truncate AFTER TRUNCATE ON %s '
-        'FOR EACH STATEMENT EXECUTE FUNCTION pgcache_notify(%s)', tbl, quote_literal(channel));
+        'FOR EACH STATEMENT EXECUTE FUNCTION pgcache_notify(%L)', tbl, channel);
+    PERFORM pgcache_watch_partitions(tbl, channel);
+END
+$$;
+
+-- After CREATE TABLE ... PARTITION OF, ALTER TABLE ... ATTACH PARTITION and
+-- any other ALTER TABLE: partitions of a watched tree get their TRUNCATE
+-- trigger, and an altered watched table's entries are dropped (its rows'
+-- shape or key may have changed).
+CREATE OR REPLACE FUNCTION pgcache_ddl() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    cmd record;
+    root regclass;
+    channel text;
+BEGIN
+    FOR cmd IN SELECT DISTINCT c.objid, c.command_tag
+                 FROM pg_catalog.pg_event_trigger_ddl_commands() c
+                WHERE c.object_type IN ('table') LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = cmd.objid);
+        root := COALESCE(pg_catalog.pg_partition_root(cmd.objid), cmd.objid);
+        channel := pgcache_channel(root);
+        CONTINUE WHEN channel IS NULL;
+        PERFORM pgcache_watch_partitions(root, channel);
+        IF cmd.command_tag = 'ALTER TABLE' THEN
+            PERFORM pg_catalog.pg_notify(channel, pg_catalog.json_build_object(
+                'schema', n.nspname, 'table', c.relname, 'operation', 'TRUNCATE')::text)
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = root;
+        END IF;
+    END LOOP;
+END
+$$;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = current_user AND rolsuper) THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'pgcache_ddl') THEN
+            CREATE EVENT TRIGGER pgcache_ddl ON ddl_command_end
+                WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+                EXECUTE FUNCTION pgcache_ddl();
+        END IF;
+    ELSE
+        RAISE NOTICE 'pgcache: not a superuser, so no event trigger: run pgcache_watch again after adding partitions to a watched table';
+    END IF;
 END
 $$;

@@ -59,6 +59,9 @@ struct Catalog {
     payload_tables: HashMap<(Option<String>, String), Arc<TableSchema>>,
     /// Key name → the schema last seen with it.
     key_names: HashMap<String, Arc<TableSchema>>,
+    /// Schemas forgotten because their table changed, whose entries are
+    /// still to be flushed (`take_changed`).
+    changed: Vec<Arc<TableSchema>>,
 }
 
 type RecentTable = (Box<[u8]>, Arc<TableSchema>);
@@ -81,6 +84,7 @@ static CATALOG: LazyLock<Mutex<Catalog>> = LazyLock::new(|| {
         lookups: HashMap::new(),
         payload_tables: HashMap::new(),
         key_names: HashMap::new(),
+        changed: Vec::new(),
     })
 });
 
@@ -111,8 +115,24 @@ impl Catalog {
     }
 
     fn remember_key_name(&mut self, schema: &Arc<TableSchema>) {
-        self.key_names
-            .insert(schema.key_name.clone(), schema.clone());
+        if let Some(previous) = self
+            .key_names
+            .insert(schema.key_name.clone(), schema.clone())
+        {
+            // The table changed since the name was last looked up: the
+            // entries of the older schema are still to be flushed.
+            if previous.fingerprint != schema.fingerprint {
+                self.note_changed(previous);
+            }
+        }
+    }
+
+    fn note_changed(&mut self, schema: Arc<TableSchema>) {
+        let same =
+            |t: &Arc<TableSchema>| t.oid == schema.oid && t.fingerprint == schema.fingerprint;
+        if !self.changed.iter().any(same) {
+            self.changed.push(schema);
+        }
     }
 }
 
@@ -314,7 +334,9 @@ pub async fn resolve_key_name(
     if let Some(t) = by_key_name(key_name) {
         return Ok(Some(t));
     }
-    let spelling = key_name_spelling(key_name);
+    let Some(spelling) = key_name_spelling(key_name) else {
+        return Ok(None);
+    };
     stats::inc(&STATS.catalog_lookups);
     let result = match resolver {
         Some(r) => r.resolve_table(&spelling).await,
@@ -334,26 +356,86 @@ pub async fn resolve_key_name(
     }
 }
 
-/// `users` → `"public"."users"`, `app.users` → `"app"."users"`.
-fn key_name_spelling(key_name: &str) -> String {
+/// `users` → `"public"."users"`, `app.users` → `"app"."users"`,
+/// `"app.users"` → `"public"."app.users"`.
+fn key_name_spelling(key_name: &str) -> Option<String> {
     use pgcache_core::sql::quote_ident;
-    match key_name.split_once('.') {
-        Some((schema, name)) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
-        None => format!("\"public\".{}", quote_ident(key_name)),
-    }
+    let (schema, name) = pgcache_core::schema::parse_key_name(key_name)?;
+    Some(format!("{}.{}", quote_ident(&schema), quote_ident(&name)))
 }
 
-/// Drops every cached name of a table whose definition changed.
+/// Drops every cached name of a table whose definition changed; its
+/// entries are flushed by the schema check (`take_changed`), since they may
+/// be keyed in a form invalidation no longer produces.
 pub fn forget(oid: u32) {
     let mut c = catalog();
+    let versions: Vec<Arc<TableSchema>> = c
+        .key_names
+        .values()
+        .chain(c.payload_tables.values())
+        .chain(c.spellings.values())
+        .filter(|t| t.oid == oid)
+        .cloned()
+        .collect();
     c.spellings.retain(|_, t| t.oid != oid);
     c.payload_tables.retain(|_, t| t.oid != oid);
     c.key_names.retain(|_, t| t.oid != oid);
+    for version in versions {
+        c.note_changed(version);
+    }
     c.changed();
     drop(c);
     log::notice(&format!(
-        "pgcache: a table's definition changed (oid {oid}); it will be looked up again"
+        "pgcache: a table's definition changed (oid {oid}); its entries are dropped and it will be looked up again"
     ));
+}
+
+/// The schemas forgotten since the last call, to flush.
+pub fn take_changed() -> Vec<Arc<TableSchema>> {
+    std::mem::take(&mut catalog().changed)
+}
+
+/// Every schema known, once per table and version (one name of a table may
+/// have been looked up again since another was).
+pub fn known_tables() -> Vec<Arc<TableSchema>> {
+    let c = catalog();
+    let mut seen = std::collections::HashSet::new();
+    c.key_names
+        .values()
+        .chain(c.payload_tables.values())
+        .chain(c.spellings.values())
+        .filter(|t| seen.insert((t.oid, t.fingerprint.as_str())))
+        .cloned()
+        .collect()
+}
+
+/// After a notification `known` could not read: the table's schema now, if
+/// it changed since `known` was read (the old one is forgotten and the new
+/// one remembered for the notification's names); `None` when it did not, or
+/// when it cannot be told.
+pub async fn recheck_payload_table(
+    known: &Arc<TableSchema>,
+    schema: Option<&str>,
+    name: &str,
+    spelling: &str,
+    resolver: &Resolver,
+) -> Option<Arc<TableSchema>> {
+    stats::inc(&STATS.catalog_lookups);
+    let fresh = resolver.resolve_table(spelling).await;
+    let changed = match &fresh {
+        Ok(t) => t.fingerprint != known.fingerprint || t.oid != known.oid,
+        Err(e) => e.is_answer(),
+    };
+    if !changed {
+        return None;
+    }
+    forget(known.oid);
+    let fresh = Arc::new(fresh.ok()?);
+    let mut c = catalog();
+    c.payload_tables
+        .insert((schema.map(str::to_owned), name.to_owned()), fresh.clone());
+    c.remember_key_name(&fresh);
+    Some(fresh)
 }
 
 /// Tables known, all names counted.

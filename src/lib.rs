@@ -27,6 +27,7 @@ mod log;
 mod module;
 mod redis;
 mod runtime;
+mod schema_check;
 mod scratch;
 mod settings;
 mod stats;

@@ -247,13 +247,46 @@ async fn handle_batch(session: u64, batch: Vec<String>, resolver: Option<&Resolv
             add_flush(&mut flushes, Target::Table(table), "TRUNCATE");
             continue;
         }
+        let op = payload.operation.as_str();
         match row_keys(&table, &payload) {
             Ok(keys) => {
                 let keys = keys.into_iter().map(|k| k.json).collect();
-                drops.push((table, keys, payload.operation.as_str()));
+                drops.push((table, keys, op));
             }
-            // A row without the key's columns: malformed or forged.
-            Err(e) => ignored(|| e.to_string()),
+            Err(e) => {
+                // The table's key may have changed since its schema was
+                // read (the trigger finds the key columns as it runs):
+                // look it up again. If it changed, the old schema's entries
+                // all go; else the payload is malformed or forged, or holds
+                // a value no key can spell exactly.
+                let fresh = match resolver {
+                    Some(r) => {
+                        catalog::recheck_payload_table(
+                            &table,
+                            payload.schema.as_deref(),
+                            &payload.name,
+                            &payload.table,
+                            r,
+                        )
+                        .await
+                    }
+                    None => None,
+                };
+                if let Some(fresh) = fresh {
+                    add_flush(&mut flushes, Target::Table(table), op);
+                    if let Ok(keys) = row_keys(&fresh, &payload) {
+                        drops.push((fresh, keys.into_iter().map(|k| k.json).collect(), op));
+                    }
+                } else if unmappable_value(&table, &e) {
+                    log::warning(&format!(
+                        "pgcache: a notification for {} holds a key no entry can be named by ({e}); flushing the table",
+                        table.key_name
+                    ));
+                    add_flush(&mut flushes, Target::Table(table), op);
+                } else {
+                    ignored(|| e.to_string());
+                }
+            }
         }
     }
     // Keys of a table flushed anyway need no drop of their own.
@@ -269,6 +302,30 @@ async fn handle_batch(session: u64, batch: Vec<String>, resolver: Option<&Resolv
     if lost {
         gap(session, resolver.cloned()).await;
     }
+}
+
+/// Whether `e` is a value a trigger can send for a column of this kind that
+/// pgcache refuses as a key (a non-ASCII citext, a numeric too long, a date
+/// outside 0001-9999): the row may be cached under no key, but to be sure
+/// the table is flushed. Values no trigger sends for the column's type are
+/// forged and ignored.
+fn unmappable_value(table: &TableSchema, e: &pgcache_core::KeyError) -> bool {
+    use pgcache_core::PkKind;
+    let pgcache_core::KeyError::Value { column, .. } = e else {
+        return false;
+    };
+    table.pk.iter().any(|c| {
+        &c.name == column
+            && matches!(
+                c.kind,
+                PkKind::Citext
+                    | PkKind::Numeric
+                    | PkKind::Name
+                    | PkKind::Date
+                    | PkKind::Timestamp
+                    | PkKind::Timestamptz
+            )
+    })
 }
 
 fn f_key(t: &Target) -> &str {

@@ -15,6 +15,7 @@ use crate::listener;
 use crate::log;
 use crate::redis::gil;
 use crate::runtime;
+use crate::schema_check;
 use crate::settings;
 use crate::test_faults;
 use pgcache_core::Settings;
@@ -51,6 +52,7 @@ pub fn load(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
     read_loglevel(ctx);
     entries::set_replica(ctx.get_flags().contains(ContextFlags::SLAVE));
     listener::start();
+    schema_check::start();
     start_housekeeping();
     subscribe_to_server_events(ctx)?;
     config::loaded();

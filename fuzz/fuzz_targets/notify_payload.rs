@@ -36,7 +36,17 @@ fn tables() -> &'static [TableSchema] {
                     ("u", PkKind::Uuid),
                     ("b", PkKind::Bool),
                     ("c", PkKind::Bpchar),
-                    ("o", PkKind::Other),
+                    ("o", PkKind::Text),
+                ],
+            ),
+            table(
+                "typed",
+                &[
+                    ("n", PkKind::Numeric),
+                    ("c", PkKind::Citext),
+                    ("d", PkKind::Date),
+                    ("ts", PkKind::Timestamp),
+                    ("tz", PkKind::Timestamptz),
                 ],
             ),
         ]

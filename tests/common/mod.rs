@@ -582,15 +582,15 @@ impl PgServer {
     /// renders it.
     pub fn row_json(&self, from: &str, where_sql: &str) -> Option<Value> {
         self.query_text(&format!(
-            "SELECT row_to_json(t)::text FROM {from} t WHERE {where_sql}"
+            "SELECT row_to_json(t.*)::text FROM {from} t WHERE {where_sql}"
         ))
         .map(|s| serde_json::from_str(&s).expect("row_to_json is JSON"))
     }
 
-    /// `SELECT row_to_json(t)::text` as a raw string.
+    /// `SELECT row_to_json(t.*)::text` as a raw string.
     pub fn row_json_text(&self, from: &str, where_sql: &str) -> Option<String> {
         self.query_text(&format!(
-            "SELECT row_to_json(t)::text FROM {from} t WHERE {where_sql}"
+            "SELECT row_to_json(t.*)::text FROM {from} t WHERE {where_sql}"
         ))
     }
 

@@ -24,10 +24,10 @@ pub struct EntryKey<'a> {
 /// starts like a JSON object with a member, without judging the pk.
 pub fn split_entry_key(rest: &[u8]) -> Option<EntryKey<'_>> {
     let rest = std::str::from_utf8(rest).ok()?;
-    // The pk is an object whose first member name starts with `"`.
-    let split = rest.find(":{\"")?;
-    let (table, pk) = (&rest[..split], &rest[split + 1..]);
-    (!table.is_empty() && pk.ends_with('}')).then_some(EntryKey { table, pk })
+    // The table is a key name (its quoted parts may hold `:` and `{`); the
+    // pk is an object whose first member name starts with `"`.
+    let (table, pk) = crate::schema::split_key_name(rest)?;
+    (pk.starts_with("{\"") && pk.ends_with('}')).then_some(EntryKey { table, pk })
 }
 
 /// Splits `rest` (a key without the prefix) into `<table>:<pk>` when `<pk>`
@@ -84,6 +84,11 @@ mod tests {
         assert_eq!((e.table, e.pk), ("users", r#"{"id":123}"#));
         let e = parse_entry_key(br#"app.orders:{"id":7,"tenant":"a:{b"}"#).unwrap();
         assert_eq!(e.table, "app.orders");
+        // Quoted key names may hold what separates the pk.
+        let e = parse_entry_key(br#""a:{""b"."x:{""y":{"id":1}"#).unwrap();
+        assert_eq!((e.table, e.pk), (r#""a:{""b"."x:{""y""#, r#"{"id":1}"#));
+        let e = parse_entry_key(br#""app.users":{"k":19.9}"#).unwrap();
+        assert_eq!(e.table, r#""app.users""#);
         for bad in [
             &br#"cart:{u42}"#[..],
             br#"session:{"id":1}x"#,
@@ -97,6 +102,9 @@ mod tests {
             br#"users:{}"#,
             br#":{"id":1}"#,
             br#"users"#,
+            br#"Users:{"id":1}"#,
+            br#""unterminated:{"id":1}"#,
+            br#"a.b.c:{"id":1}"#,
             b"users:{\"id\":\"\\u0041\"}",
             b"\xff:{\"id\":1}",
         ] {
@@ -120,6 +128,24 @@ mod tests {
                 ("u", PkKind::Uuid),
             ],
         );
+        let typed = crate::schema::test_table(
+            "typed",
+            &[
+                ("n", PkKind::Numeric),
+                ("at", PkKind::Timestamptz),
+                ("c", PkKind::Citext),
+            ],
+        );
+        for raw in [
+            r#"{"n":"19.90","at":"2026-01-15 11:30:00+02","c":"ABC"}"#,
+            r#"{"n":"NaN","at":"infinity","c":"x"}"#,
+            r#"{"n":12345678901234567890123.5e3,"at":"2026-01-15Z","c":""}"#,
+        ] {
+            let pk = crate::key::canonical_pk(&typed, raw.as_bytes()).unwrap();
+            let key = format!("typed:{}", pk.json);
+            let e = parse_entry_key(key.as_bytes()).unwrap_or_else(|| panic!("{key}"));
+            assert!(is_canonical_pk_of(&typed, e.pk), "{key}");
+        }
         for raw in [
             r#"{"id":1,"tenant":"a","u":"A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}"#,
             r#"{"u":"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11","tenant":"x:{\"y\"}","id":"-5"}"#,

@@ -7,6 +7,7 @@
 //! agree on every input (see the tests and the fuzz target).
 
 use crate::key::{self, KeyError};
+use crate::keytypes;
 use crate::schema::{PkColumn, PkKind, TableSchema};
 
 /// Most primary keys have one to three columns.
@@ -201,10 +202,34 @@ fn push_member(out: &mut Vec<u8>, col: &PkColumn, tok: Token<'_>) -> Option<()> 
             }
             push_i64(out, n);
         }
-        (PkKind::Text | PkKind::Other, Token::Str(s)) => {
+        (PkKind::Numeric, Token::Int(t)) => {
+            // An integer token is already a canonical numeric.
+            if t.strip_prefix(b"-").unwrap_or(t).len() > keytypes::MAX_NUMERIC_LEN {
+                return None;
+            }
+            out.extend_from_slice(t);
+        }
+        (PkKind::Text, Token::Str(s)) => {
             std::str::from_utf8(s).ok()?;
             out.push(b'"');
             out.extend_from_slice(s);
+            out.push(b'"');
+        }
+        (PkKind::Name, Token::Str(s)) => {
+            std::str::from_utf8(s).ok()?;
+            if s.len() > keytypes::MAX_NAME_BYTES {
+                return None;
+            }
+            out.push(b'"');
+            out.extend_from_slice(s);
+            out.push(b'"');
+        }
+        (PkKind::Citext, Token::Str(s)) => {
+            if !s.is_ascii() {
+                return None;
+            }
+            out.push(b'"');
+            out.extend(s.iter().map(u8::to_ascii_lowercase));
             out.push(b'"');
         }
         (PkKind::Bpchar, Token::Str(s)) => {
@@ -259,7 +284,7 @@ fn is_canonical_single(col: &PkColumn, raw: &[u8]) -> bool {
                 }
             }
         }
-        PkKind::Text | PkKind::Other => value
+        PkKind::Text => value
             .strip_prefix(b"\"")
             .and_then(|v| v.strip_suffix(b"\""))
             .is_some_and(|s| {
@@ -300,7 +325,7 @@ fn fast(out: &mut Vec<u8>, table: &TableSchema, raw: &[u8]) -> Option<()> {
             (PkKind::Int16 | PkKind::Int32 | PkKind::Int64, Token::Int(t)) => {
                 in_range(parse_int(t)?, col.kind).then_some(t.len())
             }
-            (PkKind::Text | PkKind::Other, Token::Str(s)) => {
+            (PkKind::Text, Token::Str(s)) => {
                 std::str::from_utf8(s).ok()?;
                 Some(s.len() + 2)
             }
@@ -413,8 +438,21 @@ mod tests {
             ("u", PkKind::Uuid),
             ("b", PkKind::Bool),
             ("c", PkKind::Bpchar),
-            ("o", PkKind::Other),
+            ("o", PkKind::Text),
         ]);
+        let typed = table(&[
+            ("n", PkKind::Numeric),
+            ("c", PkKind::Citext),
+            ("m", PkKind::Name),
+            ("d", PkKind::Date),
+            ("ts", PkKind::Timestamp),
+            ("tz", PkKind::Timestamptz),
+        ]);
+        let numeric = table(&[("id", PkKind::Numeric)]);
+        let citext = table(&[("id", PkKind::Citext)]);
+        let name = table(&[("id", PkKind::Name)]);
+        let date = table(&[("id", PkKind::Date)]);
+        let tz = table(&[("id", PkKind::Timestamptz)]);
         let inputs = [
             r#"{"id":123}"#,
             r#"{ "id" : 123 }"#,
@@ -452,8 +490,33 @@ mod tests {
             r#"{"u":"bad","b":false,"c":"x","o":"y"}"#,
             r#"{"u":"a0eebc999c0b4ef8bb6d6bb9bd380a11","b":false,"c":"x","o":7}"#,
         ];
-        for t in [&int, &small, &comp, &misc] {
-            for raw in inputs {
+        let typed_inputs = [
+            r#"{"id":19.90}"#,
+            r#"{"id":"19.9"}"#,
+            r#"{"id":1.99e1}"#,
+            r#"{"id":12345678901234567890123}"#,
+            r#"{"id":-12345678901234567890123}"#,
+            r#"{"id":"NaN"}"#,
+            r#"{"id":"ABC"}"#,
+            r#"{"id":"abc"}"#,
+            r#"{"id":"Ünï"}"#,
+            r#"{"id":"2026-01-15"}"#,
+            r#"{"id":"2026-01-15 09:30:00+02"}"#,
+            r#"{"id":"2026-01-15T09:30:00+00:00"}"#,
+            r#"{"id":"2026-01-15 09:30"}"#,
+            r#"{"n":5,"c":"X","m":"y","d":"2026-01-15","ts":"2026-01-15 09:30","tz":"2026-01-15Z"}"#,
+            r#"{"tz":"2026-01-15Z","ts":"2026-01-15T09:30:00","n":"5.0","m":"y","d":"2026-1-15","c":"x"}"#,
+        ];
+        let long_digits = format!(r#"{{"id":{}}}"#, "9".repeat(keytypes::MAX_NUMERIC_LEN + 1));
+        let long_name = format!(r#"{{"id":"{}"}}"#, "n".repeat(64));
+        let ok_name = format!(r#"{{"id":"{}"}}"#, "n".repeat(63));
+        for t in [
+            &int, &small, &comp, &misc, &typed, &numeric, &citext, &name, &date, &tz,
+        ] {
+            for raw in inputs.iter().chain(&typed_inputs) {
+                agree(t, raw);
+            }
+            for raw in [&long_digits, &long_name, &ok_name] {
                 agree(t, raw);
             }
         }
@@ -532,13 +595,14 @@ mod tests {
         let names = ["\"id\"", "\"k\"", "\"x\""];
         let t1 = table(&[("id", PkKind::Int64)]);
         let t2 = table(&[("id", PkKind::Int32), ("k", PkKind::Text)]);
+        let t3 = table(&[("id", PkKind::Numeric), ("k", PkKind::Citext)]);
         for a in parts {
             for b in parts {
                 for n1 in names {
                     for n2 in names {
                         let one = format!("{{{n1}:{a}}}");
                         let two = format!("{{ {n1} : {a} , {n2}:{b} }}");
-                        for t in [&t1, &t2] {
+                        for t in [&t1, &t2, &t3] {
                             agree(t, &one);
                             agree(t, &two);
                         }

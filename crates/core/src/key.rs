@@ -5,6 +5,7 @@
 //! (`{"id":123}`, `{ "id" : "000123" }`) names one entry, and the keys that
 //! invalidation derives from trigger payloads meet the keys reads wrote.
 
+use crate::keytypes::{self, Numeric};
 use crate::schema::{PkKind, TableSchema};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -166,21 +167,60 @@ fn normalise(kind: PkKind, v: &Value) -> Result<(String, String), String> {
             };
             Ok((b.to_string(), b.to_string()))
         }
-        PkKind::Other => match v {
-            Value::String(s) => Ok((json_string(s), s.clone())),
-            Value::Number(n) => Ok((n.to_string(), n.to_string())),
-            Value::Bool(b) => Ok((b.to_string(), b.to_string())),
-            _ => unreachable!("null, arrays and objects are refused above"),
-        },
+        PkKind::Numeric => {
+            let parsed = match v {
+                Value::Number(n) => keytypes::parse_numeric(&n.to_string(), false)?,
+                Value::String(s) => keytypes::parse_numeric(s, true)?,
+                _ => return Err("expected a number (numeric)".into()),
+            };
+            Ok(match parsed {
+                Numeric::Finite(t) => (t.clone(), t),
+                Numeric::Special(t) => (json_string(t), t.to_owned()),
+            })
+        }
+        PkKind::Name => {
+            let s = scalar_text(v)?;
+            if s.len() > keytypes::MAX_NAME_BYTES {
+                return Err(format!(
+                    "'{}...' is longer than the {} bytes a name holds",
+                    clip(&s),
+                    keytypes::MAX_NAME_BYTES
+                ));
+            }
+            Ok((json_string(&s), s))
+        }
+        PkKind::Citext => {
+            let s = keytypes::citext_key(&scalar_text(v)?)?;
+            Ok((json_string(&s), s))
+        }
+        PkKind::Date => text_kind(v, "a date string (YYYY-MM-DD)", keytypes::parse_date),
+        PkKind::Timestamp => text_kind(
+            v,
+            "a timestamp string (YYYY-MM-DD HH:MM:SS)",
+            keytypes::parse_timestamp,
+        ),
+        PkKind::Timestamptz => text_kind(
+            v,
+            "a timestamptz string with an offset (YYYY-MM-DD HH:MM:SS+00:00)",
+            keytypes::parse_timestamptz,
+        ),
     }
 }
 
-fn clip(s: &str) -> &str {
-    match s.char_indices().nth(64) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
+/// A kind whose values are JSON strings only, canonicalised by `parse`.
+fn text_kind(
+    v: &Value,
+    expected: &str,
+    parse: fn(&str) -> Result<String, String>,
+) -> Result<(String, String), String> {
+    let Value::String(s) = v else {
+        return Err(format!("expected {expected}"));
+    };
+    let t = parse(s)?;
+    Ok((json_string(&t), t))
 }
+
+use keytypes::clip;
 
 fn scalar_text(v: &Value) -> Result<String, String> {
     match v {
@@ -373,16 +413,73 @@ mod tests {
     }
 
     #[test]
-    fn bools_and_others() {
-        let t = table(&[("b", PkKind::Bool), ("n", PkKind::Other)]);
+    fn bools_and_numerics() {
+        let t = table(&[("b", PkKind::Bool), ("n", PkKind::Numeric)]);
         assert_eq!(
-            canon(&t, r#"{"n":1.5,"b":"yes"}"#).unwrap(),
+            canon(&t, r#"{"n":1.50,"b":"yes"}"#).unwrap(),
             r#"{"b":true,"n":1.5}"#
         );
-        assert_eq!(
-            canon(&t, r#"{"n":"2024-01-01","b":false}"#).unwrap(),
-            r#"{"b":false,"n":"2024-01-01"}"#
+        for n in ["19.9", "19.90", "\"19.9\"", "1.99e1", "\" 19.900 \""] {
+            let raw = format!(r#"{{"b":false,"n":{n}}}"#);
+            let pk = canonical_pk(&t, raw.as_bytes()).unwrap();
+            assert_eq!(pk.json, r#"{"b":false,"n":19.9}"#, "{raw}");
+            assert_eq!(pk.params, ["false", "19.9"]);
+        }
+        // Never through a float.
+        let big = canon(&t, r#"{"b":true,"n":12345678901234567890123}"#).unwrap();
+        assert_eq!(big, r#"{"b":true,"n":12345678901234567890123}"#);
+        assert_ne!(
+            big,
+            canon(&t, r#"{"b":true,"n":12345678901234567890124}"#).unwrap()
         );
+        assert_eq!(
+            canon(&t, r#"{"b":true,"n":"nan"}"#).unwrap(),
+            r#"{"b":true,"n":"NaN"}"#
+        );
+        let e = canon(&t, r#"{"b":true,"n":"x"}"#).unwrap_err().to_string();
+        assert!(e.contains("'n'") && e.contains("numeric"), "{e}");
+    }
+
+    #[test]
+    fn dates_times_and_text_kinds() {
+        let t = table(&[
+            ("d", PkKind::Date),
+            ("ts", PkKind::Timestamp),
+            ("tz", PkKind::Timestamptz),
+        ]);
+        assert_eq!(
+            canon(
+                &t,
+                r#"{"tz":"2026-01-15 11:30:00+02","ts":"2026-01-15 09:30:00.50","d":"2026-1-5"}"#
+            )
+            .unwrap(),
+            r#"{"d":"2026-01-05","ts":"2026-01-15T09:30:00.5","tz":"2026-01-15T09:30:00+00:00"}"#
+        );
+        let e = canon(
+            &t,
+            r#"{"tz":"2026-01-15 11:30:00","ts":"2026-01-15","d":"2026-01-05"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("'tz'") && e.contains("offset"), "{e}");
+        let e = canon(&t, r#"{"tz":"2026-01-15Z","ts":"2026-01-15","d":20260105}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'d'") && e.contains("YYYY-MM-DD"), "{e}");
+        let c = table(&[("c", PkKind::Citext), ("n", PkKind::Name)]);
+        assert_eq!(
+            canon(&c, r#"{"c":"ABC","n":"X"}"#).unwrap(),
+            r#"{"c":"abc","n":"X"}"#
+        );
+        assert!(canon(&c, r#"{"c":"Ünï","n":"x"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("ASCII"));
+        let long = "x".repeat(64);
+        assert!(canon(&c, &format!(r#"{{"c":"a","n":"{long}"}}"#))
+            .unwrap_err()
+            .to_string()
+            .contains("63 bytes"));
     }
 
     #[test]

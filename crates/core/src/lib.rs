@@ -12,6 +12,7 @@ pub mod fastkey;
 pub mod fills;
 pub mod json;
 pub mod key;
+pub mod keytypes;
 pub mod latency;
 pub mod notify;
 pub mod pending;

@@ -241,10 +241,30 @@ fn int_in(name: &str, raw: &str, min: u64, max: u64) -> Result<u64, SettingError
     Ok(n)
 }
 
-/// A table name in the allowlist, in key-name form (`public.` dropped).
-fn allowlist_entry(raw: &str) -> String {
-    let t = raw.trim();
-    t.strip_prefix("public.").unwrap_or(t).to_owned()
+/// The allowlist's entries (comma-separated table names as PostgreSQL
+/// reads them; a comma inside double quotes belongs to a name), in
+/// key-name form.
+fn allowlist(raw: &str) -> Result<Vec<String>, String> {
+    let mut entries = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    for (i, c) in raw.char_indices().chain([(raw.len(), ',')]) {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                let entry = raw[start..i.min(raw.len())].trim();
+                start = i + 1;
+                if entry.is_empty() {
+                    continue;
+                }
+                entries.push(crate::schema::key_name_of_spelling(entry).ok_or_else(|| {
+                    format!("'{entry}' is not a table name (name or schema.name, parts quoted where PostgreSQL needs it)")
+                })?);
+            }
+            _ => {}
+        }
+    }
+    Ok(entries)
 }
 
 impl Settings {
@@ -346,13 +366,7 @@ impl Settings {
                 self.events_channel = raw.into();
             }
             "invalidation_channel" => self.invalidation_channel = raw.into(),
-            "tables" => {
-                self.tables = raw
-                    .split(',')
-                    .map(allowlist_entry)
-                    .filter(|t| !t.is_empty())
-                    .collect();
-            }
+            "tables" => self.tables = allowlist(raw).map_err(|r| invalid(name, r))?,
             "max_batch" => self.max_batch = int_in(name, raw, 1, 1_000_000)? as usize,
             "max_inflight" => self.max_inflight = int_in(name, raw, 1, 10_000_000)? as usize,
             _ => return Err(SettingError::Unknown(name.into())),
@@ -624,10 +638,12 @@ mod tests {
     #[test]
     fn tables_round_trip() {
         let mut s = Settings::default();
-        s.set("tables", "public.public.x, public.y, app.z").unwrap();
-        assert_eq!(s.tables, ["public.x", "y", "app.z"]);
+        s.set("tables", "\"public.x\", public.y, App.z,\"A,b\"")
+            .unwrap();
+        assert_eq!(s.tables, ["\"public.x\"", "y", "app.z", "\"A,b\""]);
         let shown = s.get("tables").unwrap();
-        assert_eq!(shown, "public.public.x,y,app.z");
+        assert_eq!(shown, "\"public.x\",y,app.z,\"A,b\"");
+        assert!(s.set("tables", "a.b.c").is_err());
         let mut t = Settings::default();
         t.set("tables", &shown).unwrap();
         assert_eq!(t, s);

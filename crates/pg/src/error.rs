@@ -23,6 +23,12 @@ pub enum PgError {
     NoPrimaryKey(String),
     #[error("table '{0}' is a system catalog; pgcache does not serve system catalogs")]
     SystemCatalog(String),
+    #[error("table '{table}' cannot be cached: its primary-key column '{column}' {reason}")]
+    UnsupportedKey {
+        table: String,
+        column: String,
+        reason: String,
+    },
     #[error("query on table '{table}' failed: {message}")]
     Query {
         table: String,
@@ -75,6 +81,7 @@ impl PgError {
                 | PgError::BadTableName(..)
                 | PgError::NoPrimaryKey(_)
                 | PgError::SystemCatalog(_)
+                | PgError::UnsupportedKey { .. }
         )
     }
 

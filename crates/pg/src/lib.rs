@@ -261,6 +261,22 @@ impl Pg {
         pks: &[String],
     ) -> Result<Vec<Option<String>>, PgError> {
         let query_err = |e| PgError::query(&table.key_name, e);
+        // The first column of every answer row is the table's fingerprint
+        // now: a fill that raced a change of the table's key (or of the
+        // table) is an error, never rows cached under the old schema.
+        let check = |fp: Option<String>| {
+            if fp.as_deref() == Some(table.fingerprint.as_str()) {
+                Ok(())
+            } else {
+                Err(PgError::Query {
+                    table: table.key_name.clone(),
+                    message:
+                        "the table's primary key or identity changed since it was looked up; retry"
+                            .into(),
+                    schema_changed: true,
+                })
+            }
+        };
         if let [pk] = pks {
             let params = canonical_pk(table, pk.as_bytes())
                 .map_err(|e| PgError::Config(format!("bad queued key: {e}")))?
@@ -274,8 +290,21 @@ impl Pg {
                 .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
                 .collect();
             self.stats.queries.fetch_add(1, Ordering::Relaxed);
-            let row = client.query_opt(&stmt, &args).await.map_err(query_err)?;
-            return Ok(vec![row.map(|r| r.get::<_, String>(0))]);
+            let rows = client.query(&stmt, &args).await.map_err(query_err)?;
+            let mut row = None;
+            for (i, r) in rows.iter().enumerate() {
+                check(r.get(0))?;
+                if i > 0 {
+                    // Only a changed key matches twice; the fingerprint
+                    // says so first, but never answer one of two rows.
+                    return Err(check(None).unwrap_err());
+                }
+                row = r.get::<_, Option<String>>(1);
+            }
+            if rows.is_empty() {
+                check(None)?;
+            }
+            return Ok(vec![row]);
         }
         let keys_json = json_array(pks);
         let stmt = client
@@ -287,13 +316,37 @@ impl Pg {
             .query(&stmt, &[&keys_json])
             .await
             .map_err(query_err)?;
+        if rows.is_empty() {
+            check(None)?;
+        }
         let mut out = vec![None; pks.len()];
         for row in rows {
-            let ord: i64 = row.get(0);
+            check(row.get(0))?;
+            let Some(ord) = row.get::<_, Option<i64>>(1) else {
+                continue;
+            };
             if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
-                *slot = Some(row.get::<_, String>(1));
+                if slot.is_some() {
+                    return Err(check(None).unwrap_err());
+                }
+                *slot = row.get::<_, Option<String>>(2);
             }
         }
         Ok(out)
+    }
+
+    /// The fingerprints (`pgcache_core::sql::fingerprint`) of these tables
+    /// now, on a pooled connection; `None` for a table that is gone.
+    pub async fn fingerprints(
+        &self,
+        oids: Vec<u32>,
+    ) -> Result<Vec<(u32, Option<String>)>, PgError> {
+        self.run(|conn| async move {
+            let r = catalog::fingerprints(conn.client(), &oids)
+                .await
+                .map_err(|e| PgError::query("(catalog)", e));
+            (conn, r)
+        })
+        .await
     }
 }
