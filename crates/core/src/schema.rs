@@ -97,9 +97,9 @@ pub struct TableSchema {
     pub select_one: String,
     /// Many rows by key; one parameter, a JSON array of canonical keys.
     pub select_many: String,
-    /// What `sql::fingerprint` gave when the schema was read: the fill
-    /// queries return it again, and a different value means the table
-    /// changed since (its rows are not cached under this schema).
+    /// What `sql::fingerprint` gave when the schema was read: the schema
+    /// check compares it with the table's now, and a different value means
+    /// the table changed (this schema is forgotten, its entries flushed).
     pub fingerprint: String,
 }
 
@@ -108,8 +108,8 @@ impl TableSchema {
         pk.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
         let key_name = key_name(schema, name);
         let table_json = crate::event::table_json(&key_name);
-        let select_one = sql::select_one(oid, schema, name, &pk);
-        let select_many = sql::select_many(oid, schema, name, &pk);
+        let select_one = sql::select_one(schema, name, &pk);
+        let select_many = sql::select_many(schema, name, &pk);
         TableSchema {
             oid,
             schema: schema.to_owned(),

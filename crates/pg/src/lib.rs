@@ -261,21 +261,15 @@ impl Pg {
         pks: &[String],
     ) -> Result<Vec<Option<String>>, PgError> {
         let query_err = |e| PgError::query(&table.key_name, e);
-        // The first column of every answer row is the table's fingerprint
-        // now: a fill that raced a change of the table's key (or of the
-        // table) is an error, never rows cached under the old schema.
-        let check = |fp: Option<String>| {
-            if fp.as_deref() == Some(table.fingerprint.as_str()) {
-                Ok(())
-            } else {
-                Err(PgError::Query {
-                    table: table.key_name.clone(),
-                    message:
-                        "the table's primary key or identity changed since it was looked up; retry"
-                            .into(),
-                    schema_changed: true,
-                })
-            }
+        // A key that matches two rows: the table's key changed since it was
+        // looked up (say, widened). Never answer one of them; the schema is
+        // forgotten and looked up again.
+        let changed = || {
+            PgError::Query {
+            table: table.key_name.clone(),
+            message: "the table's primary key changed since it was looked up (a key matched two rows); retry".into(),
+            schema_changed: true,
+        }
         };
         if let [pk] = pks {
             let params = canonical_pk(table, pk.as_bytes())
@@ -291,20 +285,10 @@ impl Pg {
                 .collect();
             self.stats.queries.fetch_add(1, Ordering::Relaxed);
             let rows = client.query(&stmt, &args).await.map_err(query_err)?;
-            let mut row = None;
-            for (i, r) in rows.iter().enumerate() {
-                check(r.get(0))?;
-                if i > 0 {
-                    // Only a changed key matches twice; the fingerprint
-                    // says so first, but never answer one of two rows.
-                    return Err(check(None).unwrap_err());
-                }
-                row = r.get::<_, Option<String>>(1);
+            if rows.len() > 1 {
+                return Err(changed());
             }
-            if rows.is_empty() {
-                check(None)?;
-            }
-            return Ok(vec![row]);
+            return Ok(vec![rows.first().map(|r| r.get::<_, String>(0))]);
         }
         let keys_json = json_array(pks);
         let stmt = client
@@ -316,20 +300,14 @@ impl Pg {
             .query(&stmt, &[&keys_json])
             .await
             .map_err(query_err)?;
-        if rows.is_empty() {
-            check(None)?;
-        }
         let mut out = vec![None; pks.len()];
         for row in rows {
-            check(row.get(0))?;
-            let Some(ord) = row.get::<_, Option<i64>>(1) else {
-                continue;
-            };
+            let ord: i64 = row.get(0);
             if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|i| out.get_mut(i)) {
                 if slot.is_some() {
-                    return Err(check(None).unwrap_err());
+                    return Err(changed());
                 }
-                *slot = row.get::<_, Option<String>>(2);
+                *slot = Some(row.get::<_, String>(1));
             }
         }
         Ok(out)
