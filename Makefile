@@ -11,7 +11,7 @@ TEST_CMD     ?= $(CARGO) test --workspace --release --no-fail-fast $(TEST_ARGS) 
 MODULE       := target/release/libpgcache.so
 
 .DEFAULT_GOAL := all
-.PHONY: all build clean deps test run lint bench help fuzz
+.PHONY: all build clean deps test run lint bench help fuzz dist
 
 ## all: build the module (cargo build --release) and copy it to ./pgcache.so
 all: build
@@ -42,6 +42,11 @@ test: deps
 run: deps
 	$(MAKE) --no-print-directory all
 	bash scripts/run.sh
+
+## dist: release build, stripped, packed as dist/pgcache-<version>-<target>.tar.gz (with sql/pgcache.sql, README, LICENSE, CHANGELOG)
+dist: deps
+	$(CARGO) build --release
+	bash scripts/dist.sh $(MODULE) dist
 
 ## lint: rustfmt check and clippy with warnings as errors
 lint:

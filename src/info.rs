@@ -88,7 +88,10 @@ fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
 
 /// The text figures, as (name, value).
 fn texts(for_crash_report: bool) -> Vec<(&'static str, String)> {
-    let mut out = vec![("listener", entries::listener_name().to_owned())];
+    let mut out = vec![
+        ("version", pgcache_core::VERSION.to_owned()),
+        ("listener", entries::listener_name().to_owned()),
+    ];
     if let Some((phase, _, _)) = entries::trust_figures(for_crash_report) {
         out.push(("trust_state", phase.name().to_owned()));
     }

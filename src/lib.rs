@@ -55,7 +55,7 @@ fn deinit(ctx: &Context) -> Status {
 
 redis_module! {
     name: "pgcache",
-    version: 1,
+    version: pgcache_core::ENCODED_VERSION,
     allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
     data_types: [],
     init: init,

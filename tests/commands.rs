@@ -545,6 +545,43 @@ fn module_list_shows_pgcache() {
     );
 }
 
+/// The project's one version (the Cargo workspace's): `MODULE LIST` encodes
+/// it as major*10000 + minor*100 + patch, `INFO pgcache` shows its text.
+#[test]
+fn module_list_and_info_show_the_version() {
+    let text = env!("CARGO_PKG_VERSION");
+    let parts: Vec<i64> = text
+        .split(['.', '-', '+'])
+        .take(3)
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let encoded = parts[0] * 10000 + parts[1] * 100 + parts[2];
+    let pg = PgServer::start_new();
+    let r = RedisServer::with_pg(&pg, &[]);
+    let mut c = r.con();
+    let list: Vec<Vec<redis::Value>> = redis::cmd("MODULE").arg("LIST").query(&mut c).unwrap();
+    let ver = list
+        .iter()
+        .find_map(|m| {
+            let mut name = None;
+            let mut ver = None;
+            for kv in m.chunks(2) {
+                let k: String = redis::from_redis_value(&kv[0]).ok()?;
+                match k.as_str() {
+                    "name" => name = redis::from_redis_value::<String>(&kv[1]).ok(),
+                    "ver" => ver = redis::from_redis_value::<i64>(&kv[1]).ok(),
+                    _ => {}
+                }
+            }
+            (name.as_deref() == Some("pgcache"))
+                .then_some(ver)
+                .flatten()
+        })
+        .expect("MODULE LIST has pgcache with a ver");
+    assert_eq!(ver, encoded, "MODULE LIST ver for version {text}");
+    assert_eq!(info_field(&mut c, "pgcache", "pgcache_version"), text);
+}
+
 // ---------------------------------------------------------------------------
 // events
 
@@ -757,4 +794,42 @@ fn read_inside_multi_and_lua() {
     );
     assert_eq!(r.stat("fills_in_flight"), 0);
     assert!(r.alive());
+}
+
+/// With `loglevel debug` the module logs each fill (table, key, outcome,
+/// time taken) and each invalidation; at other levels it logs none of them.
+#[test]
+fn debug_log_shows_fills_and_invalidations() {
+    let pg = watched_pg();
+    let r = RedisServer::with_pg(&pg, &[]);
+    wait_listener_ready(&r);
+    let mut c = r.con();
+    read_row(&mut c, "users", r#"{"id":5}"#);
+    assert!(
+        !r.log().contains("fill of"),
+        "fills are not logged at the default level"
+    );
+    config_set(&mut c, "loglevel", "debug").unwrap();
+    read_row(&mut c, "users", r#"{"id":1}"#);
+    assert_eq!(read(&mut c, "users", r#"{"id":999999}"#).unwrap(), None);
+    pg.execute("UPDATE users SET name = 'logged' WHERE id = 1");
+    wait_gone(&mut c, r#"pg_cache:users:{"id":1}"#);
+    let key = r#"pg_cache:users:{"id":1}"#;
+    wait_until("the debug lines are in the log", || {
+        let log = r.log();
+        let fill = log
+            .lines()
+            .find(|l| l.contains(&format!("fill of {key}: a row")))
+            .ok_or("no fill line for id 1")?;
+        if !(fill.contains(" in ") && fill.contains("ms")) {
+            return Err(format!("the fill line has no time taken: {fill}"));
+        }
+        if !log.contains(r#"fill of pg_cache:users:{"id":999999}: no row"#) {
+            return Err("no fill line for the missing row".into());
+        }
+        if !log.contains(r#"notification UPDATE users: {"id":1} invalidated"#) {
+            return Err("no invalidation line".into());
+        }
+        Ok(())
+    });
 }

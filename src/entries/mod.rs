@@ -149,6 +149,8 @@ pub struct FillTarget {
     pub id: FillId,
     pub ttl: u64,
     pub negative_ttl: u64,
+    /// When the fill started (the debug log says how long it took).
+    pub started: std::time::Instant,
 }
 
 /// Joins the fill in flight for `key` in `db`, or starts one (the caller
@@ -182,14 +184,24 @@ pub fn complete_fill(ctx: &Context, fill: &FillTarget, outcome: &FillOutcome) ->
     let Some(finished) = inflight::registry().finish(fill.db, &fill.key, fill.id) else {
         return Vec::new();
     };
-    crate::log::debug_with(|| match outcome {
-        Ok(Some(_)) if finished.cacheable => format!("pgcache: fill of {}: a row", fill.key),
-        Ok(None) if finished.cacheable => format!("pgcache: fill of {}: no row", fill.key),
-        Ok(_) => format!(
-            "pgcache: fill of {} overtaken by an invalidation; not cached",
-            fill.key
-        ),
-        Err(e) => format!("pgcache: fill of {} failed: {e}", fill.key),
+    crate::log::debug_with(|| {
+        let took = format!(
+            " in {:.3} ms",
+            fill.started.elapsed().as_secs_f64() * 1000.0
+        );
+        match outcome {
+            Ok(Some(_)) if finished.cacheable => {
+                format!("pgcache: fill of {}: a row{took}", fill.key)
+            }
+            Ok(None) if finished.cacheable => {
+                format!("pgcache: fill of {}: no row{took}", fill.key)
+            }
+            Ok(_) => format!(
+                "pgcache: fill of {}{took}: overtaken by an invalidation; not cached",
+                fill.key
+            ),
+            Err(e) => format!("pgcache: fill of {} failed{took}: {e}", fill.key),
+        }
     });
     match outcome {
         Ok(row) if finished.cacheable => {

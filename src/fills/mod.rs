@@ -26,6 +26,8 @@ pub struct FillPlan {
     pub db: Db,
     pub ttl: u64,
     pub negative_ttl: u64,
+    /// When the fill started, for the debug log's time taken.
+    pub started: std::time::Instant,
 }
 
 impl FillPlan {
@@ -42,6 +44,7 @@ impl FillPlan {
             db,
             ttl: ttl.unwrap_or(settings.default_ttl),
             negative_ttl: settings.negative_ttl,
+            started: std::time::Instant::now(),
         }
     }
 }
@@ -100,6 +103,7 @@ impl Completion {
                     id,
                     ttl: piece.plan.ttl,
                     negative_ttl: piece.plan.negative_ttl,
+                    started: piece.plan.started,
                 };
                 let _ = catch_unwind(AssertUnwindSafe(|| {
                     for waiter in entries::complete_fill(ctx, &target, &outcome) {

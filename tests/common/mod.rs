@@ -746,9 +746,22 @@ pub struct RedisBuilder {
     server_args: Vec<String>,
     env: Vec<(String, String)>,
     config_file: bool,
+    /// The module file, when not `module_path()`.
+    module: Option<PathBuf>,
 }
 
 impl RedisBuilder {
+    /// Load this module file instead of `module_path()` (a release
+    /// archive's `pgcache.so`).
+    pub fn module_file(mut self, path: &Path) -> Self {
+        self.module = Some(path.to_path_buf());
+        self
+    }
+
+    fn module(&self) -> PathBuf {
+        self.module.clone().unwrap_or_else(module_path)
+    }
+
     /// The module's arguments, on its load line.
     pub fn module_args<S: AsRef<str>>(mut self, args: &[S]) -> Self {
         self.module_args = args.iter().map(|a| a.as_ref().to_string()).collect();
@@ -851,7 +864,7 @@ impl RedisBuilder {
             text.push_str(&format!("{name} {}\n", quoted(&value)));
         }
         if self.with_module {
-            let module = module_path().display().to_string();
+            let module = self.module().display().to_string();
             let words: Vec<String> = std::iter::once(&module)
                 .chain(&self.module_args)
                 .map(|w| quoted(w))
@@ -877,7 +890,7 @@ impl RedisBuilder {
         cmd.args(&self.server_args);
         if self.with_module && !self.config_file {
             cmd.arg("--loadmodule")
-                .arg(module_path())
+                .arg(self.module())
                 .args(&self.module_args);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -899,6 +912,7 @@ impl RedisServer {
             server_args: Vec::new(),
             env: Vec::new(),
             config_file: false,
+            module: None,
         }
     }
 
