@@ -157,6 +157,9 @@ BEGIN
               WHERE c.oid = root;
         END IF;
     END LOOP;
+EXCEPTION WHEN OTHERS THEN
+    -- A user's DDL never fails because of the cache.
+    RAISE WARNING 'pgcache: could not follow this DDL (%); run pgcache_watch again on the tables it touched', SQLERRM;
 END
 $$;
 
