@@ -7,22 +7,10 @@ use common::*;
 use std::time::{Duration, Instant};
 
 /// The seed README's trigger, verbatim.
-const SEED_TRIGGER: &str = r#"
-CREATE OR REPLACE FUNCTION notify_cache_invalidation()
-RETURNS trigger AS $$
-BEGIN
-    PERFORM pg_notify('cache_invalidation',
-        json_build_object(
-            'table', TG_TABLE_NAME,
-            'operation', TG_OP,
-            'old_data', row_to_json(OLD),
-            'new_data', row_to_json(NEW)
-        )::text
-    );
-    RETURN COALESCE(NEW, OLD);
-END;
-$$ LANGUAGE plpgsql;
-
+static SEED_TRIGGER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{SEED_FUNCTION}{}",
+        r#"
 CREATE TRIGGER users_cache_trigger
     AFTER INSERT OR UPDATE OR DELETE ON users
     FOR EACH ROW
@@ -31,7 +19,9 @@ CREATE TRIGGER products_cache_trigger
     AFTER INSERT OR UPDATE OR DELETE ON products
     FOR EACH ROW
     EXECUTE FUNCTION notify_cache_invalidation();
-"#;
+"#
+    )
+});
 
 /// pids of backends whose last statement was a LISTEN (the module's
 /// listener connection).
@@ -122,7 +112,7 @@ fn invalidate_table_drops_every_entry_of_the_table() {
 #[test]
 fn seed_trigger_notifications_invalidate_entries() {
     let pg = PgServer::start_new();
-    pg.execute(SEED_TRIGGER);
+    pg.execute(&SEED_TRIGGER);
     let r = RedisServer::with_pg(&pg, &[]);
     let mut c = r.con();
     wait_for_listener(&pg, &[]);
@@ -157,7 +147,7 @@ fn seed_trigger_notifications_invalidate_entries() {
 #[test]
 fn notify_invalidation_publishes_events_with_source_and_operation() {
     let pg = PgServer::start_new();
-    pg.execute(SEED_TRIGGER);
+    pg.execute(&SEED_TRIGGER);
     let r = RedisServer::with_pg(&pg, &[]);
     let mut c = r.con();
     wait_for_listener(&pg, &[]);
@@ -180,7 +170,7 @@ fn notify_invalidation_publishes_events_with_source_and_operation() {
 #[test]
 fn bad_payloads_are_ignored() {
     let pg = PgServer::start_new();
-    pg.execute(SEED_TRIGGER);
+    pg.execute(&SEED_TRIGGER);
     let r = RedisServer::with_pg(&pg, &[]);
     let mut c = r.con();
     wait_for_listener(&pg, &[]);
@@ -229,7 +219,7 @@ fn bad_payloads_are_ignored() {
 #[test]
 fn entries_cached_before_a_listener_gap_are_not_served() {
     let pg = PgServer::start_new();
-    pg.execute(SEED_TRIGGER);
+    pg.execute(&SEED_TRIGGER);
     let r = RedisServer::with_pg(&pg, &[]);
     let mut c = r.con();
     let before = wait_for_listener(&pg, &[]);

@@ -18,25 +18,6 @@ use serde_json::Value;
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// The seed README's trigger function, verbatim (tests/invalidation.rs has
-/// the same text): it sends whole rows, rendered by `row_to_json`.
-const SEED_FUNCTION: &str = r#"
-CREATE OR REPLACE FUNCTION notify_cache_invalidation()
-RETURNS trigger AS $$
-BEGIN
-    PERFORM pg_notify('cache_invalidation',
-        json_build_object(
-            'table', TG_TABLE_NAME,
-            'operation', TG_OP,
-            'old_data', row_to_json(OLD),
-            'new_data', row_to_json(NEW)
-        )::text
-    );
-    RETURN COALESCE(NEW, OLD);
-END;
-$$ LANGUAGE plpgsql;
-"#;
-
 /// One row's key: how SQL names it, how clients may spell it, and the
 /// canonical form the entry's key carries.
 struct Key {

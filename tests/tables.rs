@@ -8,25 +8,6 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-/// The seed README's trigger function, verbatim (tests/invalidation.rs has
-/// the same text).
-const SEED_FUNCTION: &str = r#"
-CREATE OR REPLACE FUNCTION notify_cache_invalidation()
-RETURNS trigger AS $$
-BEGIN
-    PERFORM pg_notify('cache_invalidation',
-        json_build_object(
-            'table', TG_TABLE_NAME,
-            'operation', TG_OP,
-            'old_data', row_to_json(OLD),
-            'new_data', row_to_json(NEW)
-        )::text
-    );
-    RETURN COALESCE(NEW, OLD);
-END;
-$$ LANGUAGE plpgsql;
-"#;
-
 /// How long the module may take to notice a schema change (it revalidates
 /// its catalog on an interval of about 2 s and on fill errors). A bound, not
 /// a timing assertion.

@@ -657,6 +657,25 @@ impl Drop for PgServer {
     }
 }
 
+/// The seed README's trigger function, verbatim: it sends whole rows,
+/// rendered by `row_to_json`, and names the table without its schema.
+pub const SEED_FUNCTION: &str = r#"
+CREATE OR REPLACE FUNCTION notify_cache_invalidation()
+RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify('cache_invalidation',
+        json_build_object(
+            'table', TG_TABLE_NAME,
+            'operation', TG_OP,
+            'old_data', row_to_json(OLD),
+            'new_data', row_to_json(NEW)
+        )::text
+    );
+    RETURN COALESCE(NEW, OLD);
+END;
+$$ LANGUAGE plpgsql;
+"#;
+
 /// `sql/pgcache.sql`, the watch functions the project ships (SPEC §5).
 pub fn pgcache_sql() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql");
