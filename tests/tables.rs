@@ -16,19 +16,8 @@ const SCHEMA_CHANGE_BOUND: Duration = Duration::from_secs(20);
 /// Polls `cond` until it holds; panics with `what` and the last thing seen
 /// after `SCHEMA_CHANGE_BOUND`.
 #[track_caller]
-fn eventually<F: FnMut() -> Result<(), String>>(what: &str, mut cond: F) {
-    let deadline = Instant::now() + SCHEMA_CHANGE_BOUND;
-    loop {
-        match cond() {
-            Ok(()) => return,
-            Err(last) => {
-                if Instant::now() > deadline {
-                    panic!("{what}: not within {SCHEMA_CHANGE_BOUND:?}; last seen: {last}");
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn eventually<F: FnMut() -> Result<(), String>>(what: &str, cond: F) {
+    wait_until_within(what, SCHEMA_CHANGE_BOUND, cond)
 }
 
 /// `v` of a READ's row, or None for nil; panics on an error.

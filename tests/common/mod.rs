@@ -1762,14 +1762,25 @@ pub async fn aread(
 /// Poll `cond` until it holds; panics with `what` (and the last value it
 /// saw) after `HANG`. A hang detector, not a timing assertion.
 #[track_caller]
-pub fn wait_until<F: FnMut() -> Result<(), String>>(what: &str, mut cond: F) {
-    let deadline = Instant::now() + HANG;
+pub fn wait_until<F: FnMut() -> Result<(), String>>(what: &str, cond: F) {
+    wait_until_within(what, HANG, cond)
+}
+
+/// `wait_until` with its own bound (for what the module does on a known
+/// schedule, such as its schema check).
+#[track_caller]
+pub fn wait_until_within<F: FnMut() -> Result<(), String>>(
+    what: &str,
+    bound: Duration,
+    mut cond: F,
+) {
+    let deadline = Instant::now() + bound;
     loop {
         match cond() {
             Ok(()) => return,
             Err(last) => {
                 if Instant::now() > deadline {
-                    panic!("{what}: never happened within {HANG:?}; last seen: {last}");
+                    panic!("{what}: never happened within {bound:?}; last seen: {last}");
                 }
             }
         }

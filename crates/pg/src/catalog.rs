@@ -8,13 +8,19 @@ use pgcache_core::sql::fingerprint;
 use pgcache_core::{PkColumn, PkKind, TableSchema};
 use tokio_postgres::error::SqlState;
 
-/// The relation a name resolves to; a partition resolves to the root of its
-/// partition tree, whose entries it shares (SPEC §3).
-const RELATION: &str = "SELECT r.oid, n.nspname::text, r.relname::text \
-     FROM pg_catalog.pg_class c \
-     JOIN pg_catalog.pg_class r ON r.oid = COALESCE(pg_catalog.pg_partition_root(c.oid), c.oid) \
-     JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace \
-     WHERE c.oid = pg_catalog.to_regclass($1::text)";
+/// The relation a name resolves to, with its fingerprint
+/// (`sql::fingerprint`); a partition resolves to the root of its partition
+/// tree, whose entries it shares (SPEC §3).
+fn relation_sql() -> String {
+    format!(
+        "SELECT r.oid, n.nspname::text, r.relname::text, {} \
+         FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_class r ON r.oid = COALESCE(pg_catalog.pg_partition_root(c.oid), c.oid) \
+         JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace \
+         WHERE c.oid = pg_catalog.to_regclass($1::text)",
+        fingerprint("r.oid")
+    )
+}
 
 /// The primary-key columns: name, the base type (through any depth of
 /// domains) as a quoted qualified name, its `typname` and `typtype`, whether
@@ -42,36 +48,41 @@ pub(crate) async fn resolve(
     client: &tokio_postgres::Client,
     name: &str,
 ) -> Result<TableSchema, PgError> {
-    let rel = client.query_opt(RELATION, &[&name]).await.map_err(|e| {
-        match e.code() {
-            Some(c)
-                if *c == SqlState::INVALID_NAME
-                    || *c == SqlState::SYNTAX_ERROR
-                    || *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE
-                    || *c == SqlState::INVALID_PARAMETER_VALUE =>
-            {
-                PgError::BadTableName(name.to_owned(), describe(&e))
+    let rel = client
+        .query_opt(&relation_sql(), &[&name])
+        .await
+        .map_err(|e| {
+            match e.code() {
+                Some(c)
+                    if *c == SqlState::INVALID_NAME
+                        || *c == SqlState::SYNTAX_ERROR
+                        || *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE
+                        || *c == SqlState::INVALID_PARAMETER_VALUE =>
+                {
+                    PgError::BadTableName(name.to_owned(), describe(&e))
+                }
+                // e.g. a cross-database reference `db.schema.table`
+                Some(c)
+                    if *c == SqlState::FEATURE_NOT_SUPPORTED
+                        || *c == SqlState::UNDEFINED_SCHEMA =>
+                {
+                    PgError::BadTableName(name.to_owned(), describe(&e))
+                }
+                _ if e.as_db_error().is_none() => PgError::Unavailable(describe(&e)),
+                _ => PgError::Query {
+                    table: name.to_owned(),
+                    message: describe(&e),
+                    schema_changed: false,
+                },
             }
-            // e.g. a cross-database reference `db.schema.table`
-            Some(c)
-                if *c == SqlState::FEATURE_NOT_SUPPORTED || *c == SqlState::UNDEFINED_SCHEMA =>
-            {
-                PgError::BadTableName(name.to_owned(), describe(&e))
-            }
-            _ if e.as_db_error().is_none() => PgError::Unavailable(describe(&e)),
-            _ => PgError::Query {
-                table: name.to_owned(),
-                message: describe(&e),
-                schema_changed: false,
-            },
-        }
-    })?;
+        })?;
     let Some(rel) = rel else {
         return Err(PgError::UnknownTable(name.to_owned()));
     };
     let oid: u32 = rel.get(0);
     let schema: String = rel.get(1);
     let relname: String = rel.get(2);
+    let table_fingerprint: Option<String> = rel.get(3);
     let key_name = pgcache_core::schema::key_name(&schema, &relname);
     if is_system_schema(&schema) {
         return Err(PgError::SystemCatalog(format!("{schema}.{relname}")));
@@ -120,10 +131,7 @@ pub(crate) async fn resolve(
         });
     }
     let mut table = TableSchema::new(oid, &schema, &relname, pk);
-    table.fingerprint = fingerprint_of(client, oid)
-        .await
-        .map_err(|e| PgError::query(name, e))?
-        .ok_or_else(|| PgError::UnknownTable(name.to_owned()))?;
+    table.fingerprint = table_fingerprint.unwrap_or_default();
     Ok(table)
 }
 
@@ -139,12 +147,4 @@ pub(crate) async fn fingerprints(
     );
     let rows = client.query(&sql, &[&oids]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-async fn fingerprint_of(
-    client: &tokio_postgres::Client,
-    oid: u32,
-) -> Result<Option<String>, tokio_postgres::Error> {
-    let sql = format!("SELECT {}", fingerprint("$1::pg_catalog.oid"));
-    client.query_one(&sql, &[&oid]).await.map(|r| r.get(0))
 }
