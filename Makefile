@@ -31,11 +31,13 @@ clean:
 deps:
 	bash scripts/install-deps.sh
 
-## test: deps, build, then unit + integration tests (TEST_THREADS=2; TEST_CMD overrides)
+## test: deps, build, then unit + integration tests (TEST_THREADS=2; TEST_CMD overrides; PGCACHE_SERVER=valkey runs them on Valkey 8.1)
 # Each integration test starts its own redis-server and PostgreSQL on free
-# ports, so parallelism is kept modest.
+# ports, so parallelism is kept modest. PGCACHE_SERVER=valkey (environment or
+# make variable) starts valkey-server from .deps/valkey instead.
 test: deps
 	$(CARGO) build --release
+	@echo "test: integration tests on $${PGCACHE_SERVER:-redis}"
 	$(TEST_CMD)
 
 ## run: deps, build, then start PostgreSQL + Redis with the module and a demo

