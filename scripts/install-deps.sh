@@ -79,6 +79,11 @@ have clang || missing+=(clang)
 have pkg-config || missing+=(pkg-config)
 have cc || missing+=(gcc libc6-dev)
 have_chart_font || missing+=(fonts-dejavu-core)
+# the client examples (examples/, tests/examples.rs): see install_example_clients
+have python3 || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+have node || missing+=(nodejs)
+have npm || missing+=(npm)
 
 rc=0
 if ((${#missing[@]} == 0)); then
@@ -159,6 +164,53 @@ if ! install_valkey; then
         say "valkey: not installed (needed only for PGCACHE_SERVER=valkey)"
     fi
 fi
+
+# ---------------------------------------------------------------------------
+# The client libraries of examples/ (run by tests/examples.rs), pinned:
+# redis-py (examples/python/requirements.txt) into .deps/python, node-redis
+# (examples/node/package-lock.json) into examples/node/node_modules. Each is
+# skipped while its stamp file says the same pins and interpreter are there.
+EXAMPLES_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# Prints what a stamp file must hold: the pin file's checksum and a version.
+example_stamp() { # pin-file version-command...
+    local sum
+    sum=$(sha256sum "$1") || return 1
+    echo "${sum%% *} $("${@:2}" 2>&1)"
+}
+
+install_python_example_client() {
+    local req="$EXAMPLES_ROOT/examples/python/requirements.txt" dir="$EXAMPLES_ROOT/.deps/python" want
+    want=$(example_stamp "$req" python3 --version) || return 1
+    if [[ -f "$dir/.pgcache-stamp" && $(<"$dir/.pgcache-stamp") == "$want" ]]; then
+        say "python example client: present ($(grep -m1 '^redis==' "$req"))"
+        return 0
+    fi
+    say "python example client: installing $(grep -m1 '^redis==' "$req") into .deps/python"
+    rm -rf "$dir"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+        --no-warn-script-location --target "$dir" -r "$req" || return 1
+    echo "$want" >"$dir/.pgcache-stamp"
+}
+
+install_node_example_client() {
+    local dir="$EXAMPLES_ROOT/examples/node" want
+    want=$(example_stamp "$dir/package-lock.json" node --version) || return 1
+    if [[ -f "$dir/node_modules/.pgcache-stamp" && $(<"$dir/node_modules/.pgcache-stamp") == "$want" ]]; then
+        say "node example client: present (examples/node/node_modules)"
+        return 0
+    fi
+    say "node example client: npm ci in examples/node"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || return 1
+    echo "$want" >"$dir/node_modules/.pgcache-stamp"
+}
+
+install_example_clients() {
+    install_python_example_client || { say "installing redis-py for examples/python failed" >&2; return 1; }
+    install_node_example_client || { say "npm ci in examples/node failed" >&2; return 1; }
+}
+
+install_example_clients || rc=1
 
 # Rust is a prerequisite we do not install.
 if have cargo; then
