@@ -79,6 +79,7 @@ have clang || missing+=(clang)
 have pkg-config || missing+=(pkg-config)
 have cc || missing+=(gcc libc6-dev)
 have_chart_font || missing+=(fonts-dejavu-core)
+have prometheus-redis-exporter || missing+=(prometheus-redis-exporter)
 
 rc=0
 if ((${#missing[@]} == 0)); then
