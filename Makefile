@@ -63,6 +63,14 @@ bench: deps
 	@cat target/bench-invalidation.txt
 	$(CARGO) bench --bench suite
 
+## dashboard-png: draw the Grafana dashboard (contrib/grafana/pgcache.json) from a ~1 min real run into contrib/grafana/pgcache.png
+# bench/dashboard.rs: a scripted workload, contrib/prometheus/pgcache.lua
+# evaluated once a second as redis_exporter does, the dashboard's panels drawn.
+.PHONY: dashboard-png
+dashboard-png: deps
+	$(CARGO) build --release
+	$(CARGO) bench --bench dashboard
+
 help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST)
 

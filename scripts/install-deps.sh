@@ -84,6 +84,7 @@ have python3 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 have node || missing+=(nodejs)
 have npm || missing+=(npm)
+have prometheus-redis-exporter || missing+=(prometheus-redis-exporter)
 
 rc=0
 if ((${#missing[@]} == 0)); then
