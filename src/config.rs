@@ -9,6 +9,7 @@
 //! of `pg_password`, or of a `pg_url` holding one, is refused at run time.
 
 use crate::listener;
+use crate::redis::cluster;
 use crate::redis::reply::redis_string;
 use crate::runtime;
 use crate::settings;
@@ -88,6 +89,7 @@ impl ConfigurationValue<RedisString> for Param {
         if next == **current {
             return Ok(());
         }
+        cluster_check(&next).map_err(|e| RedisError::String(format!("ERR pgcache: {e}")))?;
         // Connection settings must make a valid connection before they count.
         if rebuilds_pool(self.0) {
             pgcache_pg::connect_config(&next).map_err(|e| RedisError::String(e.to_string()))?;
@@ -134,4 +136,16 @@ pub fn register(ctx: &Context, args: &[String]) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// What a cluster forbids in the settings: a `{` in `cache_prefix` would
+/// make every entry hash that tag instead of its pk's.
+pub fn cluster_check(s: &Settings) -> Result<(), String> {
+    if !cluster::enabled() {
+        return Ok(());
+    }
+    match pgcache_core::cluster::brace_problem("cache_prefix", &s.cache_prefix) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
 }

@@ -2,6 +2,7 @@
 
 use crate::catalog;
 use crate::entries;
+use crate::redis::cluster;
 use crate::runtime;
 use crate::stats::{get, STATS};
 use redis_module::InfoContext;
@@ -25,6 +26,7 @@ fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
         ("fill_errors", n(&STATS.fill_errors)),
         ("fills_uncached_gap", n(&STATS.fills_uncached_gap)),
         ("fills_uncached_oom", n(&STATS.fills_uncached_oom)),
+        ("fills_uncached_paused", n(&STATS.fills_uncached_paused)),
         ("fills_reaped", n(&STATS.fills_reaped)),
         ("blocked_timeouts", n(&STATS.blocked_timeouts)),
         ("completion_chunks", n(&STATS.completion_chunks)),
@@ -58,6 +60,13 @@ fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
         ("entries_invalidated", n(&STATS.entries_invalidated)),
         ("listener_reconnects", n(&STATS.listener_reconnects)),
         ("flushes", n(&STATS.flushes)),
+        ("cluster_enabled", i64::from(cluster::enabled())),
+        ("cluster_uncached_fills", n(&STATS.cluster_uncached_fills)),
+        ("cluster_writes_uncached", n(&STATS.cluster_writes_uncached)),
+        (
+            "cluster_restored_dropped",
+            n(&STATS.cluster_restored_dropped),
+        ),
     ]);
     if let Some((phase, trusted, fresh)) = entries::trust_figures(for_crash_report) {
         out.extend([

@@ -12,6 +12,7 @@ use crate::entries;
 use crate::events;
 use crate::flush::{self, Target};
 use crate::log;
+use crate::redis::cluster;
 use crate::redis::gil;
 use crate::runtime;
 use crate::settings;
@@ -244,6 +245,10 @@ async fn handle_batch(session: u64, batch: Vec<String>, resolver: Option<&Resolv
             }
         };
         if payload.operation == Operation::Truncate {
+            // A node's own INVALIDATE_TABLE broadcast: it flushed already.
+            if payload.origin.is_some() && payload.origin.as_deref() == cluster::my_id() {
+                continue;
+            }
             add_flush(&mut flushes, Target::Table(table), "TRUNCATE");
             continue;
         }
@@ -292,6 +297,7 @@ async fn handle_batch(session: u64, batch: Vec<String>, resolver: Option<&Resolv
     // Keys of a table flushed anyway need no drop of their own.
     drops.retain(|(t, _, _)| !flushes.iter().any(|(f, _)| f_key(f) == t.key_name));
     if !drops.is_empty() {
+        gil::writes_welcome().await;
         let _ = gil::run(move |ctx| apply_drops(ctx, &drops)).await;
     }
     for (target, op) in flushes {

@@ -13,6 +13,7 @@ use crate::fills;
 use crate::flush;
 use crate::listener;
 use crate::log;
+use crate::redis::cluster;
 use crate::redis::gil;
 use crate::runtime;
 use crate::schema_check;
@@ -23,6 +24,9 @@ use pgcache_pg::Pg;
 use redis_module::{raw, Context, ContextFlags, RedisString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
+
+/// What a cluster publishes unless `events` is given.
+const CLUSTER_DEFAULT_EVENTS: &str = "cache_write,cache_invalidate";
 
 /// Loads the module; on `Err` nothing of it runs (no thread, no event
 /// subscription).
@@ -36,9 +40,20 @@ pub fn load(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
                 .map_err(|_| format!("module argument {} is not valid UTF-8", i + 1))
         })
         .collect::<Result<_, _>>()?;
+    let in_cluster = ctx.get_flags().contains(ContextFlags::CLUSTER);
+    let mut args = args;
+    // In a cluster every PUBLISH crosses the cluster bus to every node: one
+    // bus message per node per hit would cost more than the hit. Unless
+    // `events` is given, a cluster publishes only writes and invalidations.
+    let events_given = args.chunks(2).any(|pair| pair[0] == "events");
+    if in_cluster && !events_given {
+        args.extend(["events".to_owned(), CLUSTER_DEFAULT_EVENTS.to_owned()]);
+    }
     let parsed = Settings::from_module_args(&args).map_err(|e| e.to_string())?;
     settings::replace(parsed);
+    cluster::init(ctx, in_cluster);
     config::register(ctx, &args)?;
+    config::cluster_check(&settings::current())?;
     commands::register(ctx)?;
     // The pool is built (TLS settings and CA file checked) but connects
     // only when first used.
@@ -63,6 +78,23 @@ pub fn load(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
         s.pg_pool_size,
         s.cache_prefix
     ));
+    if in_cluster {
+        let events = s.get("events").unwrap_or_default();
+        if s.events.hit || s.events.miss {
+            log::warning(&format!(
+                "pgcache: cluster mode with events '{events}': every cache_hit and cache_miss \
+                 event crosses the cluster bus to every node; consider events {CLUSTER_DEFAULT_EVENTS}"
+            ));
+        } else {
+            log::notice(&format!("pgcache: cluster mode; events '{events}'"));
+        }
+        if cluster::lookups_follow_command_slot() {
+            log::notice(
+                "pgcache: this server looks keys up in the running command's hash slot: \
+                 MULTIREAD looks up keys of other slots outside the command",
+            );
+        }
+    }
     if test_faults::any() {
         log::warning("pgcache: test faults are on (PGCACHE_TEST_FAULTS): not for production");
     }
@@ -156,7 +188,45 @@ fn subscribe_to_server_events(ctx: &Context) -> Result<(), String> {
             return Err(format!("cannot subscribe to server event {id}"));
         }
     }
+    if cluster::enabled() {
+        // SAFETY: as above.
+        let status = unsafe {
+            raw::RedisModule_SubscribeToKeyspaceEvents.unwrap()(
+                ctx.ctx,
+                raw::NotifyEvent::GENERIC.bits(),
+                Some(keyspace_event),
+            )
+        };
+        if status != raw::REDISMODULE_OK as i32 {
+            return Err("cannot subscribe to keyspace events".into());
+        }
+    }
     Ok(())
+}
+
+/// Keyspace events (cluster mode only): a `restore` is a key arriving by
+/// slot migration (`entries::migrated`).
+unsafe extern "C" fn keyspace_event(
+    ctx: *mut raw::RedisModuleCtx,
+    _type: std::os::raw::c_int,
+    event: *const std::os::raw::c_char,
+    key: *mut raw::RedisModuleString,
+) -> std::os::raw::c_int {
+    // SAFETY: Redis passes a NUL-terminated event name.
+    if event.is_null() || unsafe { std::ffi::CStr::from_ptr(event) }.to_bytes() != b"restore" {
+        return 0;
+    }
+    guarded("a keyspace event", || {
+        let ctx = Context::new(ctx);
+        let mut len = 0usize;
+        // SAFETY: a live key name for the duration of the callback.
+        let key = unsafe {
+            let ptr = raw::RedisModule_StringPtrLen.unwrap()(key, &mut len);
+            std::slice::from_raw_parts(ptr.cast::<u8>(), len)
+        };
+        entries::migrated::restored(&ctx, key);
+    });
+    0
 }
 
 /// Runs a server-event handler; a panic in it is caught (it would abort

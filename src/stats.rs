@@ -34,6 +34,16 @@ pub struct Stats {
     pub entries_invalidated: AtomicU64,
     pub listener_reconnects: AtomicU64,
     pub flushes: AtomicU64,
+    /// Fills answered without caching because Redis asked modules not to
+    /// replicate (a manual failover or CLIENT PAUSE WRITE in progress).
+    pub fills_uncached_paused: AtomicU64,
+    /// Cluster: fills answered without caching because this node does not
+    /// serve the entry's slot stably (another node's, migrating, importing).
+    pub cluster_uncached_fills: AtomicU64,
+    /// Cluster: WRITEs answered OK without storing, for the same reason.
+    pub cluster_writes_uncached: AtomicU64,
+    /// Cluster: entries that arrived by slot migration, deleted.
+    pub cluster_restored_dropped: AtomicU64,
     /// Fill latency in microseconds, one sample per fill query: from its
     /// task's start (waiting for a connection included) to the answer.
     pub fill_latency: pgcache_core::latency::Histogram,

@@ -14,6 +14,7 @@ mod write;
 use crate::catalog::{self, Known};
 use crate::info;
 use crate::redis::blocked::{BlockedReply, Responder};
+use crate::redis::cluster;
 use crate::redis::gil;
 use crate::redis::keys;
 use crate::redis::reply::{err, reply};
@@ -86,24 +87,75 @@ entry_points! {
     invalidate_entry => write::invalidate_cmd,
     invalidate_table_entry => write::invalidate_table_cmd,
     stats_entry => stats_cmd,
+    canonical_entry => canonical_cmd,
 }
 
-/// Registers the commands. Keys are derived from the arguments, so none is
-/// declared (first/last/step 0); the flags say what each command does.
+/// How a command declares its pk argument to Redis.
+#[derive(Clone, Copy)]
+enum PkArg {
+    /// No key argument (STATS, INVALIDATE_TABLE, CANONICAL).
+    None,
+    /// Argument 2 is a NOT_KEY key spec with these access flags.
+    At2(u32),
+}
+
+/// Registers the commands. READ, MULTIREAD, WRITE and INVALIDATE declare
+/// their pk (argument 2) as a NOT_KEY key spec: Redis Cluster routes them by
+/// it (the derived key hashes like the canonical pk), stock cluster clients
+/// can send them, and Redis runs no ACL check on it (the module checks the
+/// derived key). Not `getkeys-api` or first/last/step 2,2,1: either would
+/// make Redis ACL-check the raw pk as a key.
 pub fn register(ctx: &Context) -> Result<(), String> {
-    let commands: [(&str, raw::RedisModuleCmdFunc, &str); 6] = [
-        ("pgcache.read", Some(read_entry), "readonly"),
-        ("pgcache.multiread", Some(multiread_entry), "readonly"),
-        ("pgcache.write", Some(write_entry), "write deny-oom"),
-        ("pgcache.invalidate", Some(invalidate_entry), "write"),
-        ("pgcache.stats", Some(stats_entry), "readonly fast"),
+    use raw::{
+        REDISMODULE_CMD_KEY_ACCESS as ACCESS, REDISMODULE_CMD_KEY_DELETE as DELETE,
+        REDISMODULE_CMD_KEY_OW as OW, REDISMODULE_CMD_KEY_RM as RM, REDISMODULE_CMD_KEY_RO as RO,
+        REDISMODULE_CMD_KEY_UPDATE as UPDATE,
+    };
+    let commands: [(&str, raw::RedisModuleCmdFunc, &str, PkArg); 7] = [
+        (
+            "pgcache.read",
+            Some(read_entry),
+            "readonly may-replicate",
+            PkArg::At2(RO | ACCESS),
+        ),
+        (
+            "pgcache.multiread",
+            Some(multiread_entry),
+            "readonly may-replicate",
+            PkArg::At2(RO | ACCESS),
+        ),
+        (
+            "pgcache.write",
+            Some(write_entry),
+            "write deny-oom",
+            PkArg::At2(OW | UPDATE),
+        ),
+        (
+            "pgcache.invalidate",
+            Some(invalidate_entry),
+            "write",
+            PkArg::At2(RM | DELETE),
+        ),
+        (
+            "pgcache.stats",
+            Some(stats_entry),
+            "readonly fast",
+            PkArg::None,
+        ),
+        (
+            "pgcache.canonical",
+            Some(canonical_entry),
+            "readonly",
+            PkArg::None,
+        ),
         (
             "pgcache.invalidate_table",
             Some(invalidate_table_entry),
             "write",
+            PkArg::None,
         ),
     ];
-    for (name, func, flags) in commands {
+    for (name, func, flags, pk) in commands {
         let c_name = CString::new(name).map_err(|e| e.to_string())?;
         let c_flags = CString::new(flags).map_err(|e| e.to_string())?;
         // SAFETY: called at load with the module's context.
@@ -121,6 +173,54 @@ pub fn register(ctx: &Context) -> Result<(), String> {
         if status != raw::REDISMODULE_OK as c_int {
             return Err(format!("could not register command {name}"));
         }
+        if let PkArg::At2(access) = pk {
+            declare_pk_key_spec(ctx, &c_name, access)
+                .map_err(|e| format!("could not declare the key of command {name}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets a command's info to one key spec: argument 2, NOT_KEY plus
+/// `access`. Arity stays 0 (the handlers answer arity errors themselves);
+/// no argument docs (redis-module's argument struct has a field 7.0 does
+/// not know).
+fn declare_pk_key_spec(ctx: &Context, name: &CString, access: u32) -> Result<(), String> {
+    // SAFETY: the command was just created; Redis copies the info.
+    unsafe {
+        let command = raw::RedisModule_GetCommand.ok_or("RedisModule_GetCommand is missing")?(
+            ctx.ctx,
+            name.as_ptr(),
+        );
+        if command.is_null() {
+            return Err("the command is not registered".into());
+        }
+        let version = raw::RedisModuleCommandInfoVersion {
+            version: 1,
+            sizeof_historyentry: std::mem::size_of::<raw::RedisModuleCommandHistoryEntry>(),
+            sizeof_keyspec: std::mem::size_of::<raw::RedisModuleCommandKeySpec>(),
+            sizeof_arg: std::mem::size_of::<raw::RedisModuleCommandArg>(),
+        };
+        // A key spec array ends with a zeroed spec.
+        let mut specs: [raw::RedisModuleCommandKeySpec; 2] = std::mem::zeroed();
+        specs[0].flags = u64::from(access | raw::REDISMODULE_CMD_KEY_NOT_KEY);
+        specs[0].begin_search_type =
+            raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX;
+        specs[0].bs.index.pos = 2;
+        specs[0].find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE;
+        specs[0].fk.range.lastkey = 0;
+        specs[0].fk.range.keystep = 1;
+        specs[0].fk.range.limit = 0;
+        let mut info: raw::RedisModuleCommandInfo = std::mem::zeroed();
+        info.version = &version;
+        info.key_specs = specs.as_mut_ptr();
+        let status = raw::RedisModule_SetCommandInfo
+            .ok_or("RedisModule_SetCommandInfo is missing (Redis 7.0 or later is needed)")?(
+            command, &mut info,
+        );
+        if status != raw::REDISMODULE_OK as c_int {
+            return Err("RedisModule_SetCommandInfo refused the key spec".into());
+        }
     }
     Ok(())
 }
@@ -137,14 +237,56 @@ fn optional_ttl(arg: Option<&&[u8]>) -> Result<Option<u64>, RedisError> {
 }
 
 fn check_allowed(settings: &Settings, table: &TableSchema) -> Result<(), RedisError> {
-    if settings.table_allowed(&table.key_name) {
-        Ok(())
-    } else {
-        Err(err(format!(
+    if !settings.table_allowed(&table.key_name) {
+        return Err(err(format!(
             "table '{}' is not in pgcache.tables (the allowlist of tables that may be read through)",
             table.key_name
-        )))
+        )));
     }
+    if cluster::enabled() {
+        if let Some(problem) = pgcache_core::cluster::brace_problem("table", &table.key_name) {
+            return Err(err(format!("pgcache: {problem}")));
+        }
+    }
+    Ok(())
+}
+
+/// In a cluster, Redis routed the command by the pk as sent, and the entry
+/// lives in the canonical pk's slot: the two must hash alike. Another
+/// spelling is refused with the canonical form (not MOVED: the client
+/// would compute the same slot again).
+fn check_cluster_pk(table: &TableSchema, raw: &[u8], canonical: &[u8]) -> Result<(), RedisError> {
+    use pgcache_core::cluster::{key_hash_slot, same_slot};
+    if !cluster::enabled() || same_slot(raw, canonical) {
+        return Ok(());
+    }
+    Err(err(format!(
+        "pgcache: in cluster mode the primary key must be sent in canonical form {} \
+         (slot {}; the pk as sent hashes to slot {}); PGCACHE.CANONICAL {} <pk> answers it",
+        String::from_utf8_lossy(canonical),
+        key_hash_slot(canonical),
+        key_hash_slot(raw),
+        table.key_name
+    )))
+}
+
+/// PGCACHE.CANONICAL <table> <pk>: the canonical form of a pk, the
+/// spelling whose hash slot is its entry's. Keyless: any node answers.
+fn canonical_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
+    if args.len() != 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let pk = args[2].to_vec();
+    with_table(
+        ctx,
+        args[1],
+        Box::new(move |_ctx, table, responder| {
+            let result = pgcache_core::canonical_pk(&table, &pk)
+                .map(|pk| RedisValue::BulkString(pk.json))
+                .map_err(err);
+            responder.answer(result)
+        }),
+    )
 }
 
 /// What a command does once its table's schema is known.

@@ -1,16 +1,19 @@
 //! PGCACHE.READ and PGCACHE.MULTIREAD.
 
-use super::{check_allowed, optional_ttl, with_table};
+use super::{check_allowed, check_cluster_pk, optional_ttl, with_table};
 use crate::catalog;
 use crate::entries::{self, Lookup};
 use crate::events;
 use crate::fills::{self, FillPlan};
 use crate::redis::acl::Acl;
-use crate::redis::blocked::Responder;
+use crate::redis::blocked::{BlockedReply, Responder};
+use crate::redis::cluster;
+use crate::redis::gil;
 use crate::redis::keys;
 use crate::redis::reply::{err, redis_string, wrongtype};
 use crate::settings;
 use crate::stats::{self, STATS};
+use pgcache_core::cluster::{hash_tag, key_hash_slot, same_slot};
 use pgcache_core::event::EventType;
 use pgcache_core::key::canonical_pk_value;
 use pgcache_core::{json_array, CanonicalPk, Settings, TableSchema, NEGATIVE_MARKER};
@@ -64,6 +67,9 @@ fn read_row(
             Ok(k) => k,
             Err(e) => return Probe::Answered(responder.answer(Err(err(e)))),
         };
+        if let Err(e) = check_cluster_pk(table, pk, &key[pk_at..]) {
+            return Probe::Answered(responder.answer(Err(e)));
+        }
         // One key string for the ACL check and the lookup.
         let name = redis_string(Some(ctx), key);
         if let Err(e) = Acl::of(ctx, responder.user()).check(&name, key, &AclPermissions::ACCESS) {
@@ -152,18 +158,44 @@ fn read_rows(
         }
     }
     drop(acl);
+    if matches!(responder, Responder::Direct)
+        && cluster::lookups_follow_command_slot()
+        && keys.iter().any(|k| !same_slot(raw, k.as_bytes()))
+    {
+        // Keys of other slots cannot be looked up inside this command here
+        // (`cluster::lookups_follow_command_slot`): all of them are, under
+        // the lock, outside it. Where the client cannot block, the keys of
+        // other slots are fetched instead (`LocalSlots`).
+        if let Ok(reply) = BlockedReply::block(ctx, settings.answer_deadline_ms()) {
+            let user = ctx.get_current_user().as_slice().to_vec();
+            let db = keys::selected_db(ctx);
+            let (table, raw) = (table.clone(), raw.to_vec());
+            gil::submit(move |ctx| {
+                keys::select_db(ctx, db);
+                let _ = read_rows(ctx, &table, &raw, ttl, Responder::Blocked(reply, user));
+            });
+            return Ok(RedisValue::NoReply);
+        }
+    }
     let mut slots: Vec<Option<String>> = vec![None; keys.len()];
     // Distinct missing keys: the first input position of each, and every
     // position it answers.
     let mut missing: Vec<(usize, Vec<usize>)> = Vec::new();
     let mut index_of: HashMap<&str, usize> = HashMap::new();
+    let mut local = LocalSlots::new(raw, matches!(responder, Responder::Direct));
     for (i, key) in keys.iter().enumerate() {
-        let cached = entries::lookup(ctx, &names[i], key.as_bytes(), |entry| match entry {
-            Lookup::Hit(b) if b == NEGATIVE_MARKER => Ok(Some("null".to_owned())),
-            Lookup::Hit(b) => Ok(Some(String::from_utf8_lossy(b).into_owned())),
-            Lookup::Missing => Ok(None),
-            Lookup::WrongType => Err(wrongtype(key.as_bytes())),
-        });
+        // A pk of a slot this node does not serve is fetched and answered,
+        // never looked up here (and not cached: `entries::complete_fill`).
+        let cached = if !local.serves(key.as_bytes()) {
+            Ok(None)
+        } else {
+            entries::lookup(ctx, &names[i], key.as_bytes(), |entry| match entry {
+                Lookup::Hit(b) if b == NEGATIVE_MARKER => Ok(Some("null".to_owned())),
+                Lookup::Hit(b) => Ok(Some(String::from_utf8_lossy(b).into_owned())),
+                Lookup::Missing => Ok(None),
+                Lookup::WrongType => Err(wrongtype(key.as_bytes())),
+            })
+        };
         match cached {
             Err(e) => return responder.answer(Err(e)),
             Ok(Some(v)) => {
@@ -208,6 +240,43 @@ fn read_rows(
         .collect();
     let plan = FillPlan::new(&settings, table, keys::selected_db(ctx), ttl);
     fills::multiread_misses(ctx, &settings, plan, slots, missing, responder)
+}
+
+/// Which of a MULTIREAD's keys this node may look up: in a cluster, those
+/// of the slot Redis routed the command by (the array's first pk) while the
+/// command runs, and those of other slots the node serves stably (asked
+/// once per slot). Outside a cluster, every key.
+struct LocalSlots<'a> {
+    routed_by: Option<&'a [u8]>,
+    asked: HashMap<u16, bool>,
+}
+
+impl<'a> LocalSlots<'a> {
+    fn new(raw_array: &'a [u8], routed: bool) -> Self {
+        LocalSlots {
+            routed_by: routed.then_some(raw_array),
+            asked: HashMap::new(),
+        }
+    }
+
+    fn serves(&mut self, key: &[u8]) -> bool {
+        if !cluster::enabled() {
+            return true;
+        }
+        if let Some(raw) = self.routed_by {
+            if same_slot(raw, key) {
+                return true;
+            }
+            if cluster::lookups_follow_command_slot() {
+                return false;
+            }
+        }
+        let tag = hash_tag(key);
+        *self
+            .asked
+            .entry(key_hash_slot(tag))
+            .or_insert_with(|| cluster::serves_tag(tag))
+    }
 }
 
 fn parse_batch(

@@ -1,16 +1,18 @@
 //! PGCACHE.WRITE, PGCACHE.INVALIDATE and PGCACHE.INVALIDATE_TABLE.
 
-use super::{check_allowed, optional_ttl, with_table};
+use super::{check_allowed, check_cluster_pk, optional_ttl, with_table};
 use crate::entries;
 use crate::events;
 use crate::flush::{self, Target};
 use crate::redis::acl::Acl;
+use crate::redis::cluster;
 use crate::redis::keys;
 use crate::redis::reply::{err, redis_string};
 use crate::runtime;
 use crate::settings;
 use crate::stats::{self, STATS};
 use pgcache_core::event::{EventType, Source};
+use pgcache_core::notify::table_flush_payload;
 use pgcache_core::{canonical_pk, CanonicalPk, Settings, TableSchema};
 use redis_module::{AclPermissions, Context, RedisError, RedisResult, RedisValue};
 
@@ -30,6 +32,7 @@ fn derived_key(
 ) -> Result<(CanonicalPk, String), RedisError> {
     check_allowed(settings, table)?;
     let pk = canonical_pk(table, raw).map_err(err)?;
+    check_cluster_pk(table, raw, pk.json.as_bytes())?;
     let key = entries::key(&settings.cache_prefix, table, &pk.json);
     let name = redis_string(Some(ctx), key.as_bytes());
     Acl::of(ctx, user).check(&name, key.as_bytes(), &permissions)?;
@@ -150,8 +153,14 @@ pub fn invalidate_table_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
                 return responder.answer(Err(e));
             }
             let reply = responder.into_blocked(ctx, FLUSH_DEADLINE_MS)?;
+            let broadcast = cluster::my_id().map(|id| {
+                (
+                    settings.invalidation_channel.clone(),
+                    table_flush_payload(&table.schema, &table.name, id),
+                )
+            });
             runtime::spawn_then(
-                flush::table(Target::Table(table), Some((Source::Flush, None))),
+                flush_and_tell(table, broadcast),
                 move |result| match result {
                     Ok(Ok(n)) => reply.answer(Ok(RedisValue::Integer(n as i64))),
                     Ok(Err(e)) => reply.answer(Err(err(e))),
@@ -161,4 +170,32 @@ pub fn invalidate_table_cmd(ctx: &Context, args: &[&[u8]]) -> RedisResult {
             Ok(RedisValue::NoReply)
         }),
     )
+}
+
+/// Flushes the table here and, in a cluster, tells every other primary to
+/// flush it too: a TRUNCATE payload on the invalidation channel, which
+/// each node's listener applies (a node whose listener is away flushes
+/// everything when it reconnects). The count is this node's.
+async fn flush_and_tell(
+    table: std::sync::Arc<TableSchema>,
+    broadcast: Option<(String, String)>,
+) -> Result<u64, String> {
+    let n = flush::table(Target::Table(table), Some((Source::Flush, None))).await?;
+    if let Some((channel, payload)) = broadcast {
+        if channel.is_empty() {
+            return Err(format!(
+                "pgcache: flushed {n} entries here, but cannot tell the other nodes: \
+                 invalidation_channel is empty"
+            ));
+        }
+        runtime::pg()
+            .notify(&channel, &payload)
+            .await
+            .map_err(|e| {
+                format!(
+                    "pgcache: flushed {n} entries here, but could not tell the other nodes: {e}"
+                )
+            })?;
+    }
+    Ok(n)
 }

@@ -7,6 +7,7 @@
 //! callback, or the lock thread), except the lock-free reads noted.
 
 mod inflight;
+pub mod migrated;
 mod trust;
 
 pub use inflight::{now_ms, FillOutcome, Waiter};
@@ -15,10 +16,13 @@ pub use trust::{
     LISTENER_CONNECTING, LISTENER_DISCONNECTED, LISTENER_OFF,
 };
 
+use crate::redis::cluster;
+use crate::redis::gil;
 use crate::redis::keys::{self, Value};
 use crate::redis::reply::redis_string;
 use crate::scratch::{with_taken, KEEP};
 use crate::stats::{self, STATS};
+use pgcache_core::cluster::hash_tag;
 use pgcache_core::fills::{Db, FillId, Join};
 use pgcache_core::trust::{Phase, Serve, Store, Transition};
 use pgcache_core::{
@@ -89,6 +93,9 @@ pub fn lookup<R>(ctx: &Context, name: &RedisString, key: &[u8], f: impl FnOnce(L
                 return f(Lookup::Missing);
             }
         }
+    }
+    if migrated::is_restored(ctx, key) {
+        return f(Lookup::Missing);
     }
     keys::read(ctx, name, |v| match v {
         Value::Missing => f(Lookup::Missing),
@@ -243,6 +250,26 @@ fn store_fill(ctx: &Context, fill: &FillTarget, value: &[u8], ttl: u64) {
         }
         Store::Replica => return,
     }
+    if gil::replica_traffic_unwelcome() {
+        stats::inc(&STATS.fills_uncached_paused);
+        crate::log::debug_with(|| {
+            format!(
+                "pgcache: {} not cached: writes are paused (a failover waits for replicas)",
+                fill.key
+            )
+        });
+        return;
+    }
+    if !cluster::serves_tag(hash_tag(fill.key.as_bytes())) {
+        stats::inc(&STATS.cluster_uncached_fills);
+        crate::log::debug_with(|| {
+            format!(
+                "pgcache: {} not cached: this node does not serve its hash slot now",
+                fill.key
+            )
+        });
+        return;
+    }
     if over_maxmemory() {
         stats::inc(&STATS.fills_uncached_oom);
         crate::log::debug_with(|| format!("pgcache: {} not cached: over maxmemory", fill.key));
@@ -271,13 +298,25 @@ pub fn reap_overdue_fills(deadline_ms: u64) -> Vec<Waiter> {
 
 /// PGCACHE.WRITE: stores `value` under `key` in the client's database; a fill
 /// in flight for the key must not overwrite it.
-pub fn write(ctx: &Context, key: &[u8], value: &[u8], ttl: u64) -> Result<(), String> {
+///
+/// In a cluster, a node that does not serve the key's slot stably (the
+/// WRITE came with ASKING to a slot being imported) stores nothing and
+/// drops its copy: an entry there would make the migration fail (BUSYKEY).
+/// `Ok(false)` then.
+pub fn write(ctx: &Context, key: &[u8], value: &[u8], ttl: u64) -> Result<bool, String> {
     let db = keys::selected_db(ctx);
     inflight::registry().detach_key(&String::from_utf8_lossy(key));
+    let name = redis_string(Some(ctx), key);
+    if !cluster::serves_tag(hash_tag(key)) {
+        stats::inc(&STATS.cluster_writes_uncached);
+        if keys::delete_string(ctx, &name) {
+            keys::replicate_del(ctx, &[&name]);
+        }
+        return Ok(false);
+    }
     trust::state().written(db, key);
     mark_db_used(db);
-    let name = redis_string(Some(ctx), key);
-    keys::store(ctx, &name, value, ttl)
+    keys::store(ctx, &name, value, ttl).map(|()| true)
 }
 
 /// Invalidates `keys`: detaches their fills in flight in every database and

@@ -97,3 +97,21 @@ pub async fn run<R: Send + 'static>(
     });
     rx.await.map_err(|_| Failed)
 }
+
+/// Whether Redis asks modules not to replicate now (`RM_AvoidReplicaTraffic`:
+/// a manual failover or `CLIENT PAUSE WRITE` is waiting for replicas to
+/// catch up). Call holding Redis's lock.
+pub fn replica_traffic_unwelcome() -> bool {
+    // SAFETY: a plain read of server state, under Redis's lock.
+    unsafe { raw::RedisModule_AvoidReplicaTraffic.is_some_and(|f| f() != 0) }
+}
+
+/// Waits until Redis no longer asks modules to hold their writes: deletes
+/// made while a manual failover pauses writes would move the primary's
+/// offset past the one its replica must reach, and the failover would time
+/// out. Nothing is served meanwhile (READ is `may-replicate`, so paused too).
+pub async fn writes_welcome() {
+    while run(|_| replica_traffic_unwelcome()).await.unwrap_or(false) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

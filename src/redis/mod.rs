@@ -6,6 +6,7 @@
 
 pub mod acl;
 pub mod blocked;
+pub mod cluster;
 pub mod gil;
 pub mod keys;
 pub mod reply;

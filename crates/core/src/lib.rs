@@ -40,6 +40,7 @@ mod version_tests {
 }
 
 pub mod args;
+pub mod cluster;
 pub mod entry;
 pub mod event;
 pub mod fastkey;

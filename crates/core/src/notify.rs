@@ -61,6 +61,21 @@ pub struct Payload {
     pub operation: Operation,
     /// `old_data` and `new_data`, where present and not null.
     pub rows: Vec<serde_json::Map<String, Value>>,
+    /// The cluster node that sent it (`table_flush_payload`), if one did.
+    pub origin: Option<String>,
+}
+
+/// The payload a cluster node sends for `PGCACHE.INVALIDATE_TABLE`: a
+/// TRUNCATE of the table, which every listener applies as a flush, marked
+/// with the sender's node id so that it skips its own.
+pub fn table_flush_payload(schema: &str, name: &str, origin: &str) -> String {
+    serde_json::json!({
+        "schema": schema,
+        "table": name,
+        "operation": "TRUNCATE",
+        "origin": origin,
+    })
+    .to_string()
 }
 
 pub fn parse_payload(text: &str) -> Result<Payload, PayloadError> {
@@ -105,12 +120,17 @@ pub fn parse_payload(text: &str) -> Result<Payload, PayloadError> {
             Some(_) => return Err(PayloadError::Row),
         }
     }
+    let origin = match obj.remove("origin") {
+        Some(Value::String(origin)) => Some(origin),
+        _ => None,
+    };
     Ok(Payload {
         table,
         schema,
         name,
         operation,
         rows,
+        origin,
     })
 }
 
@@ -152,6 +172,19 @@ mod tests {
                 kind: PkKind::Int32,
             }],
         )
+    }
+
+    #[test]
+    fn table_flush_payloads_round_trip() {
+        let text = table_flush_payload("app", "My\"T", "abc123");
+        let p = parse_payload(&text).unwrap();
+        assert_eq!(p.operation, Operation::Truncate);
+        assert_eq!(p.schema.as_deref(), Some("app"));
+        assert_eq!(p.name, "My\"T");
+        assert_eq!(p.origin.as_deref(), Some("abc123"));
+        assert!(p.rows.is_empty());
+        let plain = parse_payload(r#"{"table":"users","operation":"TRUNCATE"}"#).unwrap();
+        assert_eq!(plain.origin, None);
     }
 
     #[test]

@@ -313,6 +313,22 @@ impl Pg {
         Ok(out)
     }
 
+    /// `pg_notify(channel, payload)` on a pooled connection: every listener
+    /// of the channel gets the payload once this returns.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), PgError> {
+        let (channel, payload) = (channel.to_owned(), payload.to_owned());
+        self.run(|conn| async move {
+            let r = conn
+                .client()
+                .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+                .await
+                .map(|_| ())
+                .map_err(|e| PgError::query("(pg_notify)", e));
+            (conn, r)
+        })
+        .await
+    }
+
     /// The fingerprints (`pgcache_core::sql::fingerprint`) of these tables
     /// now, on a pooled connection; `None` for a table that is gone.
     pub async fn fingerprints(
