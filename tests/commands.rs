@@ -833,3 +833,134 @@ fn debug_log_shows_fills_and_invalidations() {
         Ok(())
     });
 }
+
+/// The pk of the keyed commands is a NOT_KEY key spec at argument 2 (what
+/// Redis Cluster routes by, and what no ACL check reads); READ and
+/// MULTIREAD are `may-replicate` (COMMAND INFO does not show that flag on
+/// 7.0), so read-only scripts cannot call them.
+#[test]
+fn keyed_commands_declare_their_pk_as_a_routing_key() {
+    let pg = PgServer::start_new();
+    let r = RedisServer::with_pg(&pg, &[]);
+    let mut c = r.con();
+    for (command, access) in [
+        ("pgcache.read", "RO"),
+        ("pgcache.multiread", "RO"),
+        ("pgcache.write", "OW"),
+        ("pgcache.invalidate", "RM"),
+    ] {
+        let info: Value = redis_to_json(
+            &redis::cmd("COMMAND")
+                .arg("INFO")
+                .arg(command)
+                .query::<redis::Value>(&mut c)
+                .unwrap(),
+        );
+        let entry = &info[0];
+        assert_eq!(
+            (&entry[3], &entry[4], &entry[5]),
+            (&json!(2), &json!(2), &json!(1)),
+            "{command}: first/last/step: {entry}"
+        );
+        let spec = entry[8][0].to_string();
+        assert!(
+            spec.contains("\"not_key\"") && spec.contains(&format!("\"{access}\"")),
+            "{command}: key spec {spec}"
+        );
+    }
+    for command in [
+        "pgcache.stats",
+        "pgcache.canonical",
+        "pgcache.invalidate_table",
+    ] {
+        let info: Value = redis_to_json(
+            &redis::cmd("COMMAND")
+                .arg("INFO")
+                .arg(command)
+                .query::<redis::Value>(&mut c)
+                .unwrap(),
+        );
+        assert_eq!(info[0][3], json!(0), "{command} has no key: {info}");
+    }
+    let getkeys: redis::RedisResult<redis::Value> = redis::cmd("COMMAND")
+        .arg("GETKEYS")
+        .arg("pgcache.read")
+        .arg("users")
+        .arg(r#"{"id":1}"#)
+        .query(&mut c);
+    assert!(getkeys.is_err(), "the pk is not a key: {getkeys:?}");
+    // Still served, from a plain EVAL (a hit: a script cannot wait for a
+    // miss); refused from a read-only one.
+    read_row(&mut c, "users", r#"{"id":1}"#);
+    let via_eval: redis::RedisResult<Option<String>> = redis::cmd("EVAL")
+        .arg("return redis.call('PGCACHE.READ', 'users', ARGV[1])")
+        .arg(0)
+        .arg(r#"{"id":1}"#)
+        .query(&mut c);
+    assert!(
+        via_eval.as_ref().is_ok_and(|row| row.is_some()),
+        "READ from EVAL: {via_eval:?}"
+    );
+    let ro: redis::RedisResult<Option<String>> = redis::cmd("EVAL_RO")
+        .arg("return redis.call('PGCACHE.READ', 'users', ARGV[1])")
+        .arg(0)
+        .arg(r#"{"id":1}"#)
+        .query(&mut c);
+    let e = ro.unwrap_err().to_string();
+    assert!(e.contains("Write commands are not allowed"), "{e}");
+}
+
+#[test]
+fn canonical_answers_the_canonical_pk() {
+    let pg = PgServer::start_new();
+    let r = RedisServer::with_pg(&pg, &[]);
+    let mut c = r.con();
+    let canonical: String = redis::cmd("PGCACHE.CANONICAL")
+        .arg("users")
+        .arg(r#"{ "id" : "000123" }"#)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(canonical, r#"{"id":123}"#);
+    let e = redis::cmd("PGCACHE.CANONICAL")
+        .arg("users")
+        .arg(r#"{"name":"x"}"#)
+        .query::<String>(&mut c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("id"), "names the pk column: {e}");
+    let e = redis::cmd("PGCACHE.CANONICAL")
+        .arg("users")
+        .query::<String>(&mut c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("wrong number of arguments"), "{e}");
+    // Outside a cluster any spelling is served.
+    let row: Option<String> = redis::cmd("PGCACHE.READ")
+        .arg("users")
+        .arg(r#"{"id":"123"}"#)
+        .query(&mut c)
+        .unwrap();
+    assert!(row.is_some());
+}
+
+/// A RESP reply as JSON (arrays and maps as arrays, strings as strings).
+fn redis_to_json(v: &redis::Value) -> Value {
+    use redis::Value as R;
+    match v {
+        R::Nil => Value::Null,
+        R::Int(i) => json!(i),
+        R::BulkString(b) => json!(String::from_utf8_lossy(b)),
+        R::SimpleString(s) => json!(s),
+        R::Okay => json!("OK"),
+        R::Array(items) | R::Set(items) => Value::Array(items.iter().map(redis_to_json).collect()),
+        R::Map(pairs) => Value::Array(
+            pairs
+                .iter()
+                .flat_map(|(k, v)| [redis_to_json(k), redis_to_json(v)])
+                .collect(),
+        ),
+        R::Double(d) => json!(d),
+        R::Boolean(b) => json!(b),
+        other => json!(format!("{other:?}")),
+    }
+}
