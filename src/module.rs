@@ -63,7 +63,8 @@ pub fn load(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
     test_faults::read_environment();
     runtime::start()?;
     gil::start(ctx)?;
-    entries::set_databases(read_databases(ctx));
+    // A cluster node has database 0 only (SELECT of another is refused).
+    entries::set_databases(if in_cluster { 1 } else { read_databases(ctx) });
     read_loglevel(ctx);
     entries::set_replica(ctx.get_flags().contains(ContextFlags::SLAVE));
     listener::start();
