@@ -10,6 +10,7 @@
 //! helper.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod gate;
 
 use std::fs;
