@@ -80,7 +80,7 @@ help:
 # New inputs go to fuzz/.scratch/<target> (ignored by git), never to the seed
 # corpus fuzz/corpus/<target>; `rm -rf fuzz/.scratch` starts afresh.
 FUZZ_SECONDS   ?= 60
-FUZZ_TARGETS   ?= canonical_key module_args notify_payload
+FUZZ_TARGETS   ?= canonical_key module_args notify_payload pgoutput_message
 FUZZ_SANITIZER ?= address
 FUZZ_ARGS      ?=
 fuzz: deps

@@ -469,6 +469,16 @@ impl PgServer {
         }
     }
 
+    /// Restarts with `wal_level = logical` (and room for slots and
+    /// walsenders): logical replication's prerequisites.
+    pub fn enable_logical_replication(&mut self) {
+        self.inherited_conf
+            .push_str("\nwal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\n");
+        self.stop();
+        self.write_conf();
+        self.start();
+    }
+
     /// Start again on the same port and data directory (after `stop`).
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "PostgreSQL is already running");

@@ -51,6 +51,7 @@ pub mod keytypes;
 pub mod latency;
 pub mod notify;
 pub mod pending;
+pub mod pgoutput;
 pub mod schema;
 pub mod settings;
 pub mod sql;
