@@ -5,20 +5,12 @@
 //! registered at run time (no fontconfig/freetype libraries); without one the
 //! chart is skipped and the caller says so.
 
+use crate::font::{load_font, FONT};
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
-
-/// DejaVu Sans (Debian/Ubuntu `fonts-dejavu-core`, installed by
-/// scripts/install-deps.sh), then where other distributions keep it.
-const FONT_FILES: [&str; 3] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-];
-const FONT: &str = "sans-serif";
 
 const WIDTH: u32 = 1600;
 const HEIGHT: u32 = 1100;
@@ -81,23 +73,6 @@ type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
 pub fn render(chart: &Chart, subtitle: &str, path: &Path) -> Result<(), String> {
     load_font()?;
     draw(chart, subtitle, path).map_err(|e| format!("drawing {}: {e}", path.display()))
-}
-
-/// Registers DejaVu Sans as plotters' sans-serif font.
-fn load_font() -> Result<(), String> {
-    let (path, bytes) = FONT_FILES
-        .iter()
-        .find_map(|p| std::fs::read(p).ok().map(|b| (p, b)))
-        .ok_or_else(|| {
-            format!(
-                "no font at {} (apt-get install fonts-dejavu-core)",
-                FONT_FILES.join(" or ")
-            )
-        })?;
-    // plotters keeps a 'static reference; the bench exits soon after.
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font(FONT, FontStyle::Normal, bytes)
-        .map_err(|_| format!("{path} is not a usable TTF font"))
 }
 
 /// `157k/s`, `1.28M/s`, `9.5k/s`, `950/s`.

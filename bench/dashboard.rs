@@ -14,8 +14,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod font;
 
 use common::*;
+use font::{load_font, FONT};
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::element::DashedPathElement;
@@ -59,13 +61,6 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(242, 73, 92),
     RGBColor(184, 119, 217),
 ];
-
-const FONT_FILES: [&str; 3] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-];
-const FONT: &str = "sans-serif";
 
 const WIDTH: u32 = 1600;
 const HEADER: u32 = 96;
@@ -340,21 +335,6 @@ fn series(samples: &[Sample], q: &Query) -> Points {
 
 // ---------------------------------------------------------------------------
 // drawing
-
-fn load_font() -> Result<(), String> {
-    let (path, bytes) = FONT_FILES
-        .iter()
-        .find_map(|p| std::fs::read(p).ok().map(|b| (p, b)))
-        .ok_or_else(|| {
-            format!(
-                "no font at {} (apt-get install fonts-dejavu-core)",
-                FONT_FILES.join(" or ")
-            )
-        })?;
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font(FONT, FontStyle::Normal, bytes)
-        .map_err(|_| format!("{path} is not a usable TTF font"))
-}
 
 fn color_named(name: &str, i: usize) -> RGBColor {
     match name {

@@ -12,6 +12,7 @@
 mod chart;
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod font;
 
 use chart::{Bar, BarPanel, Chart, RateFigure};
 use common::*;
