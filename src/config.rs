@@ -8,7 +8,7 @@
 //! from: the load line, the config file, or `pg_password_file`. `CONFIG SET`
 //! of `pg_password`, or of a `pg_url` holding one, is refused at run time.
 
-use crate::listener;
+use crate::invalidation;
 use crate::redis::cluster;
 use crate::redis::reply::redis_string;
 use crate::runtime;
@@ -101,7 +101,7 @@ impl ConfigurationValue<RedisString> for Param {
                     .map_err(|e| RedisError::String(e.to_string()))?;
             }
             if restarts_listener(self.0) {
-                listener::start();
+                invalidation::start();
             }
         }
         Ok(())
@@ -143,6 +143,13 @@ pub fn register(ctx: &Context, args: &[String]) -> Result<(), String> {
 pub fn cluster_check(s: &Settings) -> Result<(), String> {
     if !cluster::enabled() {
         return Ok(());
+    }
+    if s.invalidation_source == pgcache_core::InvalidationSource::Replication {
+        // One slot per primary and a marker key in one hash slot: a
+        // cluster would need a slot per node and a marker per hash slot.
+        return Err(
+            "invalidation_source replication is not supported in Redis Cluster; use notify".into(),
+        );
     }
     match pgcache_core::cluster::brace_problem("cache_prefix", &s.cache_prefix) {
         Some(problem) => Err(problem),

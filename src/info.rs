@@ -4,8 +4,11 @@ use crate::catalog;
 use crate::entries;
 use crate::redis::cluster;
 use crate::runtime;
-use crate::stats::{get, STATS};
+use crate::settings;
+use crate::stats::{self, get, REPLICATION, STATS};
+use pgcache_core::pgoutput::format_lsn;
 use redis_module::InfoContext;
+use std::sync::atomic::Ordering;
 
 /// Every numeric figure, as (name, value). In a crash report, figures
 /// behind a lock are left out (the crashing thread may hold it).
@@ -60,6 +63,23 @@ fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
         ("entries_invalidated", n(&STATS.entries_invalidated)),
         ("listener_reconnects", n(&STATS.listener_reconnects)),
         ("flushes", n(&STATS.flushes)),
+        ("replication_lag_bytes", replication_lag_bytes()),
+        ("replication_lag_seconds", replication_lag_seconds()),
+        (
+            "replication_transactions",
+            n(&STATS.replication_transactions),
+        ),
+        ("replication_changes", n(&STATS.replication_changes)),
+        (
+            "replication_tables_flushed",
+            n(&STATS.replication_tables_flushed),
+        ),
+        (
+            "replication_barrier_waits",
+            n(&STATS.replication_barrier_waits),
+        ),
+        ("replication_resumes", n(&STATS.replication_resumes)),
+        ("replication_gap_flushes", n(&STATS.replication_gap_flushes)),
         ("cluster_enabled", i64::from(cluster::enabled())),
         ("cluster_uncached_fills", n(&STATS.cluster_uncached_fills)),
         ("cluster_writes_uncached", n(&STATS.cluster_writes_uncached)),
@@ -106,8 +126,52 @@ fn texts(for_crash_report: bool) -> Vec<(&'static str, String)> {
     }
     if !for_crash_report {
         out.push(("listener_last_error", entries::listener_error()));
+        let s = settings::current();
+        out.push((
+            "invalidation_source",
+            s.invalidation_source.as_str().to_owned(),
+        ));
+        out.push(("replication_slot", s.replication_slot.clone()));
+        out.push((
+            "replication_last_gap_reason",
+            REPLICATION
+                .last_gap_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        ));
     }
+    let lsn = |a: &std::sync::atomic::AtomicU64| format_lsn(a.load(Ordering::Relaxed));
+    out.extend([
+        ("replication", stats::replication_state_name().to_owned()),
+        ("replication_applied_lsn", lsn(&REPLICATION.applied_lsn)),
+        ("replication_acked_lsn", lsn(&REPLICATION.acked_lsn)),
+        ("replication_server_lsn", lsn(&REPLICATION.server_lsn)),
+    ]);
     out
+}
+
+/// WAL the source has yet to apply (0 when off or caught up).
+fn replication_lag_bytes() -> i64 {
+    let applied = REPLICATION.applied_lsn.load(Ordering::Relaxed);
+    let server = REPLICATION.server_lsn.load(Ordering::Relaxed);
+    if stats::replication_state_name() == "off" {
+        return 0;
+    }
+    server.saturating_sub(applied) as i64
+}
+
+/// How long the source has been behind the server, in seconds.
+fn replication_lag_seconds() -> i64 {
+    let since = REPLICATION.behind_since_ms.load(Ordering::Relaxed);
+    if since == 0 || replication_lag_bytes() == 0 {
+        return 0;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    (now.saturating_sub(since) / 1000) as i64
 }
 
 pub fn stats_json() -> String {

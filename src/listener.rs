@@ -58,7 +58,7 @@ pub fn start() {
     stop();
     let session = SESSION.fetch_add(1, Ordering::AcqRel) + 1;
     let settings = settings::current();
-    let enabled = !settings.invalidation_channel.is_empty();
+    let enabled = settings.invalidation_enabled();
     entries::listener_started(enabled);
     if !enabled || entries::is_replica() {
         return;

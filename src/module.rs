@@ -10,8 +10,7 @@ use crate::commands;
 use crate::config;
 use crate::entries;
 use crate::fills;
-use crate::flush;
-use crate::listener;
+use crate::invalidation;
 use crate::log;
 use crate::redis::cluster;
 use crate::redis::gil;
@@ -67,7 +66,7 @@ pub fn load(ctx: &Context, args: &[RedisString]) -> Result<(), String> {
     entries::set_databases(if in_cluster { 1 } else { read_databases(ctx) });
     read_loglevel(ctx);
     entries::set_replica(ctx.get_flags().contains(ContextFlags::SLAVE));
-    listener::start();
+    invalidation::start();
     schema_check::start();
     start_housekeeping();
     subscribe_to_server_events(ctx)?;
@@ -250,11 +249,11 @@ unsafe extern "C" fn role_changed(
     guarded("a role change", || {
         let replica = subevent == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_REPLICA;
         if replica {
-            listener::stop();
+            invalidation::stop();
         }
         entries::set_replica(replica);
         if !replica {
-            listener::start();
+            invalidation::start();
         }
     });
 }
@@ -262,7 +261,7 @@ unsafe extern "C" fn role_changed(
 /// Loading an RDB/AOF file or a full sync: nothing loaded is trusted until
 /// a gap flush dropped it.
 unsafe extern "C" fn loading(
-    _ctx: *mut raw::RedisModuleCtx,
+    ctx: *mut raw::RedisModuleCtx,
     _eid: raw::RedisModuleEvent,
     subevent: u64,
     _data: *mut std::ffi::c_void,
@@ -275,9 +274,9 @@ unsafe extern "C" fn loading(
         ]
         .contains(&subevent);
         if started {
-            entries::loading_started();
-        } else if let Some(generation) = entries::loading_ended() {
-            flush::gap(generation, None);
+            invalidation::loading_started();
+        } else {
+            invalidation::loading_ended(&Context::new(ctx));
         }
     });
 }

@@ -44,6 +44,15 @@ pub struct Stats {
     pub cluster_writes_uncached: AtomicU64,
     /// Cluster: entries that arrived by slot migration, deleted.
     pub cluster_restored_dropped: AtomicU64,
+    /// The replication source (`replication.rs`): transactions and row
+    /// changes applied, tables flushed whole, applies held back until a
+    /// commit was visible, resumes from the marker and gap flushes.
+    pub replication_transactions: AtomicU64,
+    pub replication_changes: AtomicU64,
+    pub replication_tables_flushed: AtomicU64,
+    pub replication_barrier_waits: AtomicU64,
+    pub replication_resumes: AtomicU64,
+    pub replication_gap_flushes: AtomicU64,
     /// Fill latency in microseconds, one sample per fill query: from its
     /// task's start (waiting for a connection included) to the answer.
     pub fill_latency: pgcache_core::latency::Histogram,
@@ -61,4 +70,41 @@ pub fn inc(counter: &AtomicU64) {
 
 pub fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
+}
+
+/// The replication source's positions and state, for INFO.
+#[derive(Default)]
+pub struct Replication {
+    /// `replication_state_name`'s index.
+    pub state: std::sync::atomic::AtomicU8,
+    /// End of the last applied commit (or idle position).
+    pub applied_lsn: AtomicU64,
+    /// What was last acknowledged to PostgreSQL.
+    pub acked_lsn: AtomicU64,
+    /// Where the server's WAL was at its latest message.
+    pub server_lsn: AtomicU64,
+    /// Milliseconds (Unix) since when applied has been behind the server;
+    /// 0 when caught up.
+    pub behind_since_ms: AtomicU64,
+    pub last_gap_reason: std::sync::Mutex<String>,
+}
+
+pub static REPLICATION: LazyLock<Replication> = LazyLock::new(Replication::default);
+
+pub const REPLICATION_OFF: u8 = 0;
+pub const REPLICATION_CONNECTING: u8 = 1;
+pub const REPLICATION_CREATING_SLOT: u8 = 2;
+pub const REPLICATION_CATCHING_UP: u8 = 3;
+pub const REPLICATION_STREAMING: u8 = 4;
+pub const REPLICATION_DISCONNECTED: u8 = 5;
+
+pub fn replication_state_name() -> &'static str {
+    match REPLICATION.state.load(Ordering::Relaxed) {
+        REPLICATION_CONNECTING => "connecting",
+        REPLICATION_CREATING_SLOT => "creating_slot",
+        REPLICATION_CATCHING_UP => "catching_up",
+        REPLICATION_STREAMING => "streaming",
+        REPLICATION_DISCONNECTED => "disconnected",
+        _ => "off",
+    }
 }

@@ -128,6 +128,19 @@ pub fn used_dbs() -> Vec<Db> {
     dbs
 }
 
+/// After a load: every database holding keys may hold entries (the load
+/// brought them; no fill or write marked them).
+pub fn mark_loaded_dbs(ctx: &Context) {
+    let selected = keys::selected_db(ctx);
+    for db in 0..databases() {
+        keys::select_db(ctx, db);
+        if keys::db_size(ctx) > 0 {
+            mark_db_used(db);
+        }
+    }
+    keys::select_db(ctx, selected);
+}
+
 pub fn set_databases(n: i32) {
     DATABASES.store(n.max(1), Ordering::Relaxed);
 }
@@ -423,6 +436,24 @@ pub fn listener_started(enabled: bool) {
 /// LISTEN is in effect: the gap flush to start, if any.
 pub fn listener_connected() -> Option<u64> {
     transition(|t| t.listener_connected())
+}
+
+/// Whether the source's connection is up (for the trust state).
+pub fn listener_is_connected() -> bool {
+    listener() == LISTENER_CONNECTED
+}
+
+/// The replication source resumed from its marker (no flush).
+pub fn replication_resumed() {
+    transition(|t| t.resumed());
+}
+
+/// The resumed source caught up: true when entries are trusted again.
+pub fn replication_caught_up() -> bool {
+    let mut state = trust::state();
+    let done = state.caught_up();
+    trust::publish(&state);
+    done
 }
 
 pub fn listener_lost() {

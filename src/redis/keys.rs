@@ -28,6 +28,12 @@ pub fn select_db(ctx: &Context, db: i32) {
     }
 }
 
+/// Keys in the selected database.
+pub fn db_size(ctx: &Context) -> u64 {
+    // SAFETY: a live context.
+    unsafe { raw::RedisModule_DbSize.unwrap()(ctx.ctx) }
+}
+
 /// Opens `name` for reading and hands its value to `f` without copying it.
 pub fn read<R>(ctx: &Context, name: &RedisString, f: impl FnOnce(Value) -> R) -> R {
     let key = ctx.open_key(name);

@@ -1072,9 +1072,16 @@ impl RedisServer {
     /// directory: the log goes on, and a config file rewritten meanwhile is
     /// read back.
     pub fn restart(&mut self) {
+        self.restart_after(|| {});
+    }
+
+    /// Shuts down (saving the RDB file), runs `meanwhile`, starts again on
+    /// the same port and directory.
+    pub fn restart_after(&mut self, meanwhile: impl FnOnce()) {
         if let Err(report) = self.shutdown_checked() {
             panic!("{report}");
         }
+        meanwhile();
         self.valgrind_checked = false;
         self.child = self
             .builder

@@ -24,6 +24,7 @@ impl EventType {
 pub enum Source {
     Command,
     Notify,
+    Replication,
     Flush,
 }
 
@@ -32,6 +33,7 @@ impl Source {
         match self {
             Source::Command => "command",
             Source::Notify => "notify",
+            Source::Replication => "replication",
             Source::Flush => "flush",
         }
     }

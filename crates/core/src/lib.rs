@@ -52,6 +52,7 @@ pub mod latency;
 pub mod notify;
 pub mod pending;
 pub mod pgoutput;
+pub mod replication;
 pub mod schema;
 pub mod settings;
 pub mod sql;
@@ -67,4 +68,4 @@ pub use key::{
 };
 pub use pending::PendingFetches;
 pub use schema::{PkColumn, PkKind, TableSchema};
-pub use settings::{EventMask, SettingError, Settings, SslMode};
+pub use settings::{EventMask, InvalidationSource, SettingError, Settings, SslMode};

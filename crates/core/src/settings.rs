@@ -33,6 +33,27 @@ impl SslMode {
     }
 }
 
+/// What tells the module that rows changed (SPEC 6 and 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidationSource {
+    /// Triggers NOTIFY `invalidation_channel`; the module LISTENs.
+    Notify,
+    /// The module streams pgoutput from `replication_slot`.
+    Replication,
+    /// Nothing: entries live by their TTL.
+    None,
+}
+
+impl InvalidationSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidationSource::Notify => "notify",
+            InvalidationSource::Replication => "replication",
+            InvalidationSource::None => "none",
+        }
+    }
+}
+
 /// Which event types are published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventMask {
@@ -126,6 +147,14 @@ pub struct Settings {
     pub events: EventMask,
     pub events_channel: String,
     pub invalidation_channel: String,
+    pub invalidation_source: InvalidationSource,
+    pub replication_slot: String,
+    /// Publication names, in order.
+    pub replication_publication: Vec<String>,
+    /// How far the position acknowledged to PostgreSQL trails the applied one.
+    pub replication_ack_delay_ms: u64,
+    /// Keys of one table in one batch beyond which the table is flushed.
+    pub replication_txn_key_limit: usize,
     /// Allowlist of table key names (`users`, `app.users`); empty allows any.
     pub tables: Vec<String>,
     pub max_batch: usize,
@@ -154,6 +183,11 @@ impl Default for Settings {
             events: EventMask::ALL,
             events_channel: "pg_cache_events".into(),
             invalidation_channel: "cache_invalidation".into(),
+            invalidation_source: InvalidationSource::Notify,
+            replication_slot: "pgcache".into(),
+            replication_publication: vec!["pgcache".into()],
+            replication_ack_delay_ms: 5000,
+            replication_txn_key_limit: 10_000,
             tables: Vec::new(),
             max_batch: 10_000,
             max_inflight: 10_000,
@@ -182,6 +216,11 @@ pub const NAMES: &[&str] = &[
     "events",
     "events_channel",
     "invalidation_channel",
+    "invalidation_source",
+    "replication_slot",
+    "replication_publication",
+    "replication_ack_delay_ms",
+    "replication_txn_key_limit",
     "tables",
     "max_batch",
     "max_inflight",
@@ -209,6 +248,9 @@ pub fn restarts_listener(name: &str) -> bool {
             | "pg_sslmode"
             | "pg_sslrootcert"
             | "invalidation_channel"
+            | "invalidation_source"
+            | "replication_slot"
+            | "replication_publication"
     )
 }
 
@@ -366,6 +408,52 @@ impl Settings {
                 self.events_channel = raw.into();
             }
             "invalidation_channel" => self.invalidation_channel = raw.into(),
+            "invalidation_source" => {
+                self.invalidation_source = match raw {
+                    "notify" => InvalidationSource::Notify,
+                    "replication" => InvalidationSource::Replication,
+                    "none" => InvalidationSource::None,
+                    _ => {
+                        return Err(invalid(
+                            name,
+                            format!("'{raw}' is not one of notify, replication, none"),
+                        ))
+                    }
+                }
+            }
+            "replication_slot" => {
+                // PostgreSQL's own rule for slot names.
+                if raw.is_empty()
+                    || raw.len() > 63
+                    || !raw
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                {
+                    return Err(invalid(
+                        name,
+                        format!("'{raw}' is not a slot name (1 to 63 of a-z, 0-9 and _)"),
+                    ));
+                }
+                self.replication_slot = raw.into();
+            }
+            "replication_publication" => {
+                let names: Vec<String> = raw.split(',').map(|n| n.trim().to_owned()).collect();
+                if let Some(bad) = names.iter().find(|n| n.is_empty() || n.len() > 63) {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "'{bad}' is not a publication name (a comma list of names of 1 to 63 bytes)"
+                        ),
+                    ));
+                }
+                self.replication_publication = names;
+            }
+            "replication_ack_delay_ms" => {
+                self.replication_ack_delay_ms = int_in(name, raw, 0, 3_600_000)?
+            }
+            "replication_txn_key_limit" => {
+                self.replication_txn_key_limit = int_in(name, raw, 1, 10_000_000)? as usize
+            }
             "tables" => self.tables = allowlist(raw).map_err(|r| invalid(name, r))?,
             "max_batch" => self.max_batch = int_in(name, raw, 1, 1_000_000)? as usize,
             "max_inflight" => self.max_inflight = int_in(name, raw, 1, 10_000_000)? as usize,
@@ -401,6 +489,11 @@ impl Settings {
             "events" => self.events.render(),
             "events_channel" => self.events_channel.clone(),
             "invalidation_channel" => self.invalidation_channel.clone(),
+            "invalidation_source" => self.invalidation_source.as_str().into(),
+            "replication_slot" => self.replication_slot.clone(),
+            "replication_publication" => self.replication_publication.join(","),
+            "replication_ack_delay_ms" => self.replication_ack_delay_ms.to_string(),
+            "replication_txn_key_limit" => self.replication_txn_key_limit.to_string(),
             // `set` drops one `public.`: a table named `public.x` in
             // `public` (key name `public.x`) is shown as `public.public.x`.
             "tables" => self
@@ -434,6 +527,15 @@ impl Settings {
     /// second, the answer is lost and the client gets an error.
     pub fn answer_deadline_ms(&self) -> u64 {
         2 * (self.pg_connect_timeout_ms + self.pg_query_timeout_ms) + 1000
+    }
+
+    /// Whether an invalidation source runs (else entries live by TTL only).
+    pub fn invalidation_enabled(&self) -> bool {
+        match self.invalidation_source {
+            InvalidationSource::Notify => !self.invalidation_channel.is_empty(),
+            InvalidationSource::Replication => true,
+            InvalidationSource::None => false,
+        }
     }
 
     /// Whether a table (by key name) may be read through.
@@ -614,6 +716,36 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
             }
         }
+    }
+
+    #[test]
+    fn replication_settings() {
+        let err = |args: &[&str]| Settings::from_module_args(args).unwrap_err().to_string();
+        let s = Settings::from_module_args(&[
+            "invalidation_source",
+            "replication",
+            "replication_slot",
+            "cache_1",
+            "replication_publication",
+            "a, b",
+        ])
+        .unwrap();
+        assert_eq!(s.invalidation_source, InvalidationSource::Replication);
+        assert!(s.invalidation_enabled());
+        assert_eq!(s.get("replication_publication").unwrap(), "a,b");
+        assert_eq!(s.get("replication_slot").unwrap(), "cache_1");
+        assert!(err(&["invalidation_source", "trigger"]).contains("notify, replication, none"));
+        for bad in ["", "Upper", "has-dash", &"x".repeat(64)] {
+            assert!(
+                err(&["replication_slot", bad]).contains("replication_slot"),
+                "{bad}"
+            );
+        }
+        assert!(err(&["replication_publication", "a,,b"]).contains("replication_publication"));
+        let none = Settings::from_module_args(&["invalidation_source", "none"]).unwrap();
+        assert!(!none.invalidation_enabled());
+        let quiet = Settings::from_module_args(&["invalidation_channel", ""]).unwrap();
+        assert!(!quiet.invalidation_enabled());
     }
 
     #[test]

@@ -18,6 +18,26 @@ pub fn quote_ident(name: &str) -> String {
     out
 }
 
+/// Quotes a string literal as PostgreSQL's `quote_literal` does: quotes
+/// doubled, and backslashes doubled in an `E''` literal, so the text reads
+/// the same whatever `standard_conforming_strings` says. For the
+/// replication connection, which has no bind parameters.
+pub fn quote_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    if text.contains('\\') {
+        out.push('E');
+    }
+    out.push('\'');
+    for ch in text.chars() {
+        if ch == '\'' || ch == '\\' {
+            out.push(ch);
+        }
+        out.push(ch);
+    }
+    out.push('\'');
+    out
+}
+
 fn table_ref(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
@@ -90,6 +110,13 @@ pub fn select_many(schema: &str, name: &str, pk: &[PkColumn]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(quote_literal("pgcache"), "'pgcache'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\b'"), r"E'a\\b'''");
+    }
     use crate::schema::PkKind;
 
     fn col(name: &str, ty: &str) -> PkColumn {

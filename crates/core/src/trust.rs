@@ -17,6 +17,10 @@
 //! - `Flushing(g)`: connected again; gap flush `g` drops what was cached
 //!   before. Only entries stored since it began ("fresh", bounded) are
 //!   served; fills that started after it began are cached and fresh.
+//! - `CatchingUp`: the replication source resumed from its progress
+//!   marker (nothing was lost, so nothing is flushed) and replays what
+//!   changed since; until it has reached the position PostgreSQL had when it
+//!   connected, nothing is served and no fill is cached.
 //! - `Replica`: serve what the primary replicates, cache nothing.
 //!
 //! Every transition into `Starting`, `Interrupted` or `Flushing` also
@@ -33,6 +37,7 @@ pub enum Phase {
     Starting,
     Interrupted,
     Flushing(u64),
+    CatchingUp,
     Trusted,
     Replica,
 }
@@ -44,6 +49,7 @@ impl Phase {
             Phase::Starting => "starting",
             Phase::Interrupted => "interrupted",
             Phase::Flushing(_) => "flushing",
+            Phase::CatchingUp => "catching_up",
             Phase::Trusted => "trusted",
             Phase::Replica => "replica",
         }
@@ -135,7 +141,7 @@ impl TrustState {
         match self.phase {
             Phase::Trusted | Phase::NoListener | Phase::Interrupted | Phase::Replica => Serve::All,
             Phase::Flushing(_) => Serve::Fresh,
-            Phase::Starting => Serve::None,
+            Phase::Starting | Phase::CatchingUp => Serve::None,
         }
     }
 
@@ -171,7 +177,7 @@ impl TrustState {
                 self.fresh_len += 1;
                 Store::Fresh
             }
-            Phase::Starting | Phase::Interrupted => Store::Untrusted,
+            Phase::Starting | Phase::Interrupted | Phase::CatchingUp => Store::Untrusted,
             Phase::Replica => Store::Replica,
         }
     }
@@ -241,6 +247,32 @@ impl TrustState {
         self.begin_flush()
     }
 
+    /// The replication source resumed from its marker: what it replays
+    /// drops what changed, so nothing is flushed; entries are trusted once it
+    /// caught up (`caught_up`). While loading, as `listener_connected`.
+    pub fn resumed(&mut self) -> Transition {
+        self.connected = true;
+        if self.phase == Phase::Replica || !self.listener_enabled {
+            return Transition::default();
+        }
+        self.clear_fresh();
+        self.phase = Phase::Starting;
+        if !self.loading {
+            self.phase = Phase::CatchingUp;
+        }
+        DETACH
+    }
+
+    /// The resumed source applied everything PostgreSQL had when it
+    /// connected: true when that made entries trusted.
+    pub fn caught_up(&mut self) -> bool {
+        if self.phase != Phase::CatchingUp {
+            return false;
+        }
+        self.phase = Phase::Trusted;
+        true
+    }
+
     /// The listener's connection failed or dropped.
     pub fn listener_lost(&mut self) -> Transition {
         self.connected = false;
@@ -249,7 +281,7 @@ impl TrustState {
                 self.phase = Phase::Interrupted;
                 DETACH
             }
-            Phase::Flushing(_) => {
+            Phase::Flushing(_) | Phase::CatchingUp => {
                 self.clear_fresh();
                 self.phase = Phase::Starting;
                 DETACH
@@ -448,6 +480,36 @@ mod tests {
         assert_eq!(t.phase(), Phase::Starting);
         t.listener_started();
         flush_of(t.listener_connected());
+    }
+
+    /// The replication source: a resume flushes nothing, serves nothing
+    /// and caches nothing until caught up; losing the stream meanwhile
+    /// trusts nothing.
+    #[test]
+    fn resume_catches_up_without_a_flush() {
+        let mut t = TrustState::new(true, false, 10);
+        assert_eq!(t.resumed(), DETACH);
+        assert_eq!(t.phase(), Phase::CatchingUp);
+        assert_eq!(t.serve(), Serve::None);
+        assert_eq!(t.may_store(0, b"k"), Store::Untrusted);
+        assert!(t.caught_up());
+        assert!(t.trusted());
+        assert!(!t.caught_up(), "once");
+        t.listener_lost();
+        assert_eq!(t.phase(), Phase::Interrupted);
+        t.resumed();
+        t.listener_lost();
+        assert_eq!(t.phase(), Phase::Starting);
+        assert!(!t.caught_up());
+        // While loading, a resume waits (the source starts again after it).
+        let mut t = TrustState::new(true, false, 10);
+        t.loading_started();
+        t.resumed();
+        assert_eq!(t.phase(), Phase::Starting);
+        // A gap while catching up flushes as usual.
+        let mut t = TrustState::new(true, false, 10);
+        t.resumed();
+        flush_of(t.gap());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod catalog;
 mod config;
+pub mod control;
 mod error;
 pub mod listener;
 pub mod tls;

@@ -50,6 +50,10 @@ impl std::fmt::Debug for Resolver {
 }
 
 impl Resolver {
+    pub fn new(client: Arc<tokio_postgres::Client>, timeout: Duration) -> Resolver {
+        Resolver { client, timeout }
+    }
+
     /// Looks a table up by the name a notification gave (a quoted,
     /// possibly qualified name), under the query timeout. Fails at once once
     /// the listener's connection is gone.

@@ -1,0 +1,96 @@
+//! The replication source's control connection: an ordinary session (not
+//! the pool, whose connections queue behind fills; not the replication
+//! connection, which is busy streaming) for the visibility barrier's
+//! snapshots and for catalog lookups of the tables changes name.
+
+use crate::error::describe;
+use crate::listener::Resolver;
+use crate::PgError;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The control connection's `application_name`.
+pub const APPLICATION_NAME: &str = "pgcache replication control";
+
+pub struct Control {
+    client: Arc<tokio_postgres::Client>,
+    driver: tokio::task::JoinHandle<()>,
+    timeout: Duration,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl Control {
+    pub async fn connect(
+        mut config: tokio_postgres::Config,
+        tls: crate::tls::TlsConnector,
+        timeout: Duration,
+    ) -> Result<Control, PgError> {
+        config
+            .application_name(APPLICATION_NAME)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10));
+        let (client, connection) = config
+            .connect(tls)
+            .await
+            .map_err(|e| PgError::Unavailable(describe(&e)))?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let control = Control {
+            client: Arc::new(client),
+            driver,
+            timeout,
+        };
+        // idle_session_timeout (PostgreSQL 14+) must not cycle it; older
+        // servers do not know the setting.
+        let _ = control
+            .client
+            .batch_execute("SET idle_session_timeout = 0")
+            .await;
+        Ok(control)
+    }
+
+    /// `pg_current_snapshot()` as text (`xmin:xmax:xip,...`).
+    pub async fn snapshot(&self) -> Result<String, PgError> {
+        let q = self
+            .client
+            .query_one("SELECT pg_current_snapshot()::text", &[]);
+        match tokio::time::timeout(self.timeout, q).await {
+            Ok(Ok(row)) => row
+                .try_get::<_, String>(0)
+                .map_err(|e| PgError::Unavailable(describe(&e))),
+            Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
+            Err(_) => Err(PgError::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
+    /// `pg_current_wal_insert_lsn()`: past every commit visible now, those
+    /// under `synchronous_commit = off` not yet flushed (and so not yet
+    /// streamed) included.
+    pub async fn wal_insert_lsn(&self) -> Result<String, PgError> {
+        let q = self
+            .client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[]);
+        match tokio::time::timeout(self.timeout, q).await {
+            Ok(Ok(row)) => row
+                .try_get::<_, String>(0)
+                .map_err(|e| PgError::Unavailable(describe(&e))),
+            Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
+            Err(_) => Err(PgError::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
+    /// Catalog lookups on this connection.
+    pub fn resolver(&self) -> Resolver {
+        Resolver::new(self.client.clone(), self.timeout)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}

@@ -1,0 +1,386 @@
+//! Invalidation by logical replication (SPEC §11; design:
+//! `logical-replication.md`): `invalidation_source replication` streams
+//! pgoutput from a slot, with no trigger on any table, resumes from its
+//! progress marker without flushing, and applies a change only once it is
+//! visible to other sessions.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+/// A PostgreSQL with `wal_level = logical` and the standard schema's
+/// tables in publication `pgcache`; no trigger anywhere.
+fn replication_pg() -> PgServer {
+    let mut pg = PgServer::start_new();
+    pg.enable_logical_replication();
+    pg.execute(&pgcache_sql());
+    for t in ["users", "products", "uuid_items", "text_items", "app.users"] {
+        pg.execute(&format!("SELECT pgcache_publish('{t}')"));
+    }
+    pg
+}
+
+fn replication_args(pg: &PgServer, extra: &[&str]) -> Vec<String> {
+    let mut args = pg.module_args();
+    args.extend(["invalidation_source", "replication"].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn start_redis(pg: &PgServer, extra: &[&str]) -> RedisServer {
+    RedisServer::start(&replication_args(pg, extra))
+}
+
+/// Waits until the source streams, caught up, and entries are trusted.
+#[track_caller]
+fn wait_streaming(r: &RedisServer) -> Value {
+    let mut c = r.con();
+    let mut out = Value::Null;
+    wait_until("replication streaming and entries trusted", || {
+        let s = stats(&mut c);
+        if stat_str(&s, "replication") == "streaming"
+            && stat_of(&s, "entries_trusted") == 1
+            && stat_of(&s, "gap_flush_running") == 0
+        {
+            out = s;
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    out
+}
+
+/// Waits until the progress marker is in Redis (written within about a
+/// second of streaming, once no gap flush runs): from then on a restart or
+/// reconnect resumes instead of flushing.
+#[track_caller]
+fn wait_marker(r: &RedisServer) -> Value {
+    let mut c = r.con();
+    let mut out = Value::Null;
+    wait_until("the progress marker is written", || {
+        match get(&mut c, "pg_cache:__replication") {
+            Some(m) => {
+                out = json(&m);
+                Ok(())
+            }
+            None => Err("no marker".into()),
+        }
+    });
+    out
+}
+
+fn name_of(c: &mut redis::Connection, id: i64) -> Option<String> {
+    read(c, "users", &format!(r#"{{"id":{id}}}"#))
+        .unwrap()
+        .map(|row| json(&row)["name"].as_str().unwrap_or("").to_owned())
+}
+
+#[test]
+fn insert_update_delete_invalidate_without_triggers() {
+    let pg = replication_pg();
+    let triggers = pg.query_text("SELECT count(*)::text FROM pg_trigger WHERE NOT tgisinternal");
+    assert_eq!(triggers.as_deref(), Some("0"), "no trigger on any table");
+    let r = start_redis(&pg, &[]);
+    wait_streaming(&r);
+    let mut c = r.con();
+    // UPDATE
+    assert!(name_of(&mut c, 1).is_some());
+    assert!(exists(&mut c, &user_key(1)));
+    pg.execute("UPDATE users SET name = 'renamed' WHERE id = 1");
+    wait_gone(&mut c, &user_key(1));
+    assert_eq!(name_of(&mut c, 1).as_deref(), Some("renamed"));
+    // DELETE
+    pg.execute("DELETE FROM users WHERE id = 2");
+    // (it was not cached: cache it first)
+    let _ = name_of(&mut c, 3);
+    pg.execute("DELETE FROM users WHERE id = 3");
+    wait_gone(&mut c, &user_key(3));
+    assert_eq!(name_of(&mut c, 3), None);
+    let s = stats(&mut c);
+    assert!(stat_of(&s, "replication_transactions") >= 3, "{s}");
+    assert!(stat_of(&s, "replication_changes") >= 3, "{s}");
+    assert_eq!(stat_str(&s, "invalidation_source"), "replication");
+}
+
+/// The walsender of the module's replication connection.
+fn walsender_pid(pg: &PgServer) -> Option<String> {
+    pg.query_text(
+        "SELECT pid::text FROM pg_stat_activity WHERE application_name = 'pgcache replication' \
+         AND backend_type = 'walsender'",
+    )
+}
+
+fn hits(c: &mut redis::Connection) -> i64 {
+    stat_of(&stats(c), "hits")
+}
+
+/// A READ of a cached entry is served from it.
+#[track_caller]
+fn assert_hit(c: &mut redis::Connection, id: i64, what: &str) {
+    assert!(exists(c, &user_key(id)), "{what}: users {id} is cached");
+    let before = hits(c);
+    name_of(c, id);
+    assert_eq!(hits(c), before + 1, "{what}: users {id} was a hit");
+}
+
+#[test]
+fn key_changes_truncate_and_key_types() {
+    let pg = replication_pg();
+    let r = start_redis(&pg, &[]);
+    wait_streaming(&r);
+    let mut c = r.con();
+    // A key-changing UPDATE drops the old and the new key (a negative
+    // entry of the new one included).
+    let _ = name_of(&mut c, 1);
+    assert_eq!(
+        read(&mut c, "users", r#"{"id":1001}"#).unwrap(),
+        None,
+        "no row 1001 yet"
+    );
+    pg.execute("UPDATE users SET id = 1001 WHERE id = 1");
+    wait_gone(&mut c, &user_key(1));
+    assert!(name_of(&mut c, 1001).is_some(), "the new key is not stale");
+    // Composite keys.
+    let pk = r#"{"category":"books","product_id":1}"#;
+    read_row(&mut c, "products", pk);
+    pg.execute("UPDATE products SET product_id = 777 WHERE category = 'books' AND product_id = 1");
+    wait_until("the composite key is dropped", || {
+        match read(&mut c, "products", pk).unwrap() {
+            None => Ok(()),
+            Some(row) => Err(row),
+        }
+    });
+    // uuid and text keys, spelled differently by the client.
+    let u = pg
+        .query_text("SELECT id::text FROM uuid_items ORDER BY id LIMIT 1")
+        .unwrap();
+    let upper = format!(r#"{{"id":"{}"}}"#, u.to_uppercase());
+    read_row(&mut c, "uuid_items", &upper);
+    let code = pg
+        .query_text("SELECT code FROM text_items ORDER BY code LIMIT 1")
+        .unwrap();
+    read_row(&mut c, "text_items", &format!(r#"{{"code":"{code}"}}"#));
+    pg.execute("UPDATE uuid_items SET label = 'changed'");
+    pg.execute("UPDATE text_items SET label = 'changed'");
+    wait_until("uuid and text entries are dropped", || {
+        let n = keys(&mut c, "pg_cache:uuid_items:*").len()
+            + keys(&mut c, "pg_cache:text_items:*").len();
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} left"))
+        }
+    });
+    assert_eq!(
+        json(&read(&mut c, "uuid_items", &upper).unwrap().unwrap())["label"],
+        "changed"
+    );
+    // TRUNCATE flushes the table.
+    for id in [2, 3] {
+        let _ = name_of(&mut c, id);
+    }
+    pg.execute("TRUNCATE users CASCADE");
+    wait_until("TRUNCATE flushes users", || {
+        let n = keys(&mut c, "pg_cache:users:*").len();
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} left"))
+        }
+    });
+    assert_eq!(name_of(&mut c, 2), None);
+    assert!(stat_of(&stats(&mut c), "replication_tables_flushed") >= 1);
+}
+
+#[test]
+fn a_killed_stream_resumes_without_a_flush() {
+    let pg = replication_pg();
+    let r = start_redis(&pg, &[]);
+    let before = wait_streaming(&r);
+    let mut c = r.con();
+    for id in [1, 2] {
+        let _ = name_of(&mut c, id);
+    }
+    wait_marker(&r);
+    let pid = walsender_pid(&pg).expect("the module's walsender");
+    pg.execute(&format!("SELECT pg_terminate_backend({pid})"));
+    pg.execute("UPDATE users SET name = 'while away' WHERE id = 1");
+    wait_until("resumed", || {
+        let s = stats(&mut c);
+        if stat_of(&s, "replication_resumes") > stat_of(&before, "replication_resumes")
+            && stat_str(&s, "replication") == "streaming"
+            && stat_of(&s, "entries_trusted") == 1
+        {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    wait_gone(&mut c, &user_key(1));
+    assert_eq!(name_of(&mut c, 1).as_deref(), Some("while away"));
+    assert_hit(&mut c, 2, "after the resume");
+    let s = stats(&mut c);
+    assert_eq!(
+        stat_of(&s, "replication_gap_flushes"),
+        stat_of(&before, "replication_gap_flushes"),
+        "no gap flush: {s}"
+    );
+}
+
+#[test]
+fn a_redis_restart_from_rdb_replays_what_changed_meanwhile() {
+    let pg = replication_pg();
+    let mut r = start_redis(&pg, &[]);
+    wait_streaming(&r);
+    {
+        let mut c = r.con();
+        for id in [1, 2] {
+            let _ = name_of(&mut c, id);
+        }
+    }
+    let marker = wait_marker(&r);
+    assert_eq!(marker["slot"], "pgcache", "{marker}");
+    assert_eq!(marker["v"], 1, "{marker}");
+    let _: () = redis::cmd("SAVE").query(&mut r.con()).unwrap();
+    r.restart_after(|| {
+        pg.execute("UPDATE users SET name = 'while redis was down' WHERE id = 1");
+    });
+    let s = wait_streaming(&r);
+    assert_eq!(stat_of(&s, "replication_resumes"), 1, "{s}");
+    assert_eq!(stat_of(&s, "replication_gap_flushes"), 0, "{s}");
+    let mut c = r.con();
+    assert_hit(&mut c, 2, "an unchanged entry after the restart");
+    let fresh = name_of(&mut c, 1);
+    assert_eq!(
+        fresh.as_deref(),
+        Some("while redis was down"),
+        "{}\n{}",
+        stats(&mut c),
+        tail(&r.log(), 30)
+    );
+}
+
+#[test]
+fn a_dropped_slot_falls_back_to_the_gap_rule() {
+    let pg = replication_pg();
+    let mut r = start_redis(&pg, &[]);
+    wait_streaming(&r);
+    {
+        let mut c = r.con();
+        let _ = name_of(&mut c, 2);
+    }
+    wait_marker(&r);
+    let _: () = redis::cmd("SAVE").query(&mut r.con()).unwrap();
+    r.restart_after(|| {
+        wait_until("the slot is released", || {
+            match pg.query_text(
+                "SELECT active::text FROM pg_replication_slots WHERE slot_name = 'pgcache'",
+            ) {
+                Some(a) if a == "false" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        pg.execute("SELECT pg_drop_replication_slot('pgcache')");
+    });
+    let s = wait_streaming(&r);
+    assert_eq!(stat_of(&s, "replication_gap_flushes"), 1, "{s}");
+    assert_eq!(stat_str(&s, "replication_last_gap_reason"), "slot_missing");
+    let mut c = r.con();
+    assert!(
+        !exists(&mut c, &user_key(2)),
+        "flushed: changes since are unknowable"
+    );
+    assert!(r.log().contains("created replication slot"));
+}
+
+/// Design §4: a commit streamed while a synchronous standby has not
+/// answered is not visible to other sessions; applying it then would let a
+/// fill cache the old row for good. The barrier holds it until visible.
+#[test]
+fn a_change_is_applied_only_once_visible() {
+    let pg = replication_pg();
+    let r = start_redis(&pg, &[]);
+    wait_streaming(&r);
+    let mut c = r.con();
+    let old = name_of(&mut c, 1).unwrap();
+    pg.execute("ALTER SYSTEM SET synchronous_standby_names = 'nosuch_standby'");
+    pg.execute("SELECT pg_reload_conf()");
+    let conn = pg.conn_string();
+    let writer = std::thread::spawn(move || {
+        std::process::Command::new(pg_bindir().join("psql"))
+            .arg(&conn)
+            .args(["-v", "ON_ERROR_STOP=1", "-c"])
+            .arg("SET synchronous_commit = on; UPDATE users SET name = 'committed' WHERE id = 1")
+            .output()
+            .expect("psql")
+    });
+    wait_until("the writer waits for the standby", || {
+        match pg
+            .query_text("SELECT count(*)::text FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+        {
+            Some(n) if n == "1" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    // The commit is flushed, so streamed and decoded within milliseconds;
+    // it is not visible, so it must not be applied.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        name_of(&mut c, 1).as_deref(),
+        Some(old.as_str()),
+        "still the visible row"
+    );
+    // A fill now reads the old row (the commit is invisible) and caches it.
+    invalidate(&mut c, "users", r#"{"id":1}"#).unwrap();
+    assert_eq!(name_of(&mut c, 1).as_deref(), Some(old.as_str()));
+    assert!(exists(&mut c, &user_key(1)));
+    pg.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'");
+    let out = writer.join().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("canceling wait for synchronous replication"),
+        "{out:?}"
+    );
+    pg.execute("ALTER SYSTEM RESET synchronous_standby_names");
+    pg.execute("SELECT pg_reload_conf()");
+    wait_gone_for(
+        &mut c,
+        &user_key(1),
+        "the change, applied once visible, drops the entry the fill cached",
+    );
+    assert_eq!(name_of(&mut c, 1).as_deref(), Some("committed"));
+    assert!(stat_of(&stats(&mut c), "replication_barrier_waits") >= 1);
+}
+
+#[test]
+fn a_large_transaction_flushes_its_table_past_the_key_limit() {
+    let pg = replication_pg();
+    pg.execute("INSERT INTO text_items SELECT 'bulk' || g, 'x' FROM generate_series(1, 3000) g");
+    let r = start_redis(&pg, &["replication_txn_key_limit", "1000"]);
+    wait_streaming(&r);
+    let mut c = r.con();
+    read_row(&mut c, "text_items", r#"{"code":"bulk1"}"#);
+    read_row(&mut c, "users", r#"{"id":2}"#);
+    pg.execute("UPDATE text_items SET label = 'y'");
+    wait_until("the table is flushed", || {
+        let n = keys(&mut c, "pg_cache:text_items:*").len();
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} left"))
+        }
+    });
+    let s = stats(&mut c);
+    assert!(stat_of(&s, "replication_tables_flushed") >= 1, "{s}");
+    assert_eq!(
+        json(
+            &read(&mut c, "text_items", r#"{"code":"bulk1"}"#)
+                .unwrap()
+                .unwrap()
+        )["label"],
+        "y"
+    );
+    assert_hit(&mut c, 2, "another table's entry");
+}
