@@ -8,6 +8,7 @@ mod catalog;
 mod config;
 mod error;
 pub mod listener;
+pub mod replication;
 pub mod tls;
 
 pub use config::{config_and_tls, connect_config};
