@@ -9,6 +9,7 @@ mod config;
 pub mod control;
 mod error;
 pub mod listener;
+pub mod replication;
 pub mod tls;
 
 pub use config::{config_and_tls, connect_config};
