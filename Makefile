@@ -40,7 +40,7 @@ test: deps
 	@echo "test: integration tests on $${PGCACHE_SERVER:-redis}"
 	$(TEST_CMD)
 
-## run: deps, build, then start PostgreSQL + Redis with the module and a demo
+## run: deps, build, then start PostgreSQL + Redis with the module and a demo (PGCACHE_SOURCE=replication: invalidation by logical replication)
 run: deps
 	$(MAKE) --no-print-directory all
 	bash scripts/run.sh

@@ -11,6 +11,14 @@
 #   PGCACHE_MODULE=path      module to load (default: ./pgcache.so)
 #   PGCACHE_SERVER=valkey    run valkey-server (from .deps/valkey, see `make deps`)
 #                            instead of redis-server
+#   PGCACHE_SOURCE=replication
+#                            invalidate by logical replication instead of triggers:
+#                            the throw-away cluster gets wal_level = logical, the
+#                            demo tables are published (pgcache_publish) instead of
+#                            watched, and the module gets `invalidation_source
+#                            replication`. With PG_URL your server is not changed:
+#                            the script says what it lacks, and uses its own slot
+#                            (pgcache_run_demo), dropped at exit. Default: notify.
 #   PG_BINDIR=dir            PostgreSQL server binaries (default: pg_config --bindir,
 #                            else the newest /usr/lib/postgresql/*/bin)
 #   PGCACHE_RUN_NO_WAIT=1    stop everything after the demo instead of waiting
@@ -35,6 +43,16 @@ case "${PGCACHE_SERVER:-redis}" in
     *) echo "run.sh: PGCACHE_SERVER=$PGCACHE_SERVER: expected redis or valkey" >&2; exit 2 ;;
 esac
 SERVER_NAME=${SERVER_BIN##*/}
+# How the module learns of changes: triggers + NOTIFY, or a logical replication slot.
+case "${PGCACHE_SOURCE:-notify}" in
+    notify | replication) SOURCE=${PGCACHE_SOURCE:-notify} ;;
+    *) echo "run.sh: PGCACHE_SOURCE=$PGCACHE_SOURCE: expected notify (the default) or replication" >&2; exit 2 ;;
+esac
+# The module's defaults, except on your own server (PG_URL), where a slot of
+# this script's own is created by the module and dropped again at exit.
+PUBLICATION=pgcache
+SLOT=pgcache
+if [[ $SOURCE == replication && -n "${PG_URL:-}" ]]; then SLOT=pgcache_run_demo; fi
 
 if [[ -t 1 ]]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD='' PLAIN=''; fi
 say() { printf '%s==> %s%s\n' "$BOLD" "$*" "$PLAIN"; }
@@ -107,6 +125,38 @@ pid_is() { # pid name: is pid alive and running `name`?
     [[ $cmd == *"$2"* ]]
 }
 
+# PGCACHE_SOURCE=replication on your own server (PG_URL): this script never
+# changes a server's settings, so it says what is missing, and stops when the
+# module could not stream.
+check_replication_prerequisites() {
+    local version wal slots senders keep role_ok todo=() advice=()
+    pg_value() { "$PSQL" -X -tA -c "$1" "${PSQL_CONN[@]}" || die "query failed: $1"; }
+    version=$(pg_value "SELECT current_setting('server_version_num')")
+    ((version >= 130000)) || die "PGCACHE_SOURCE=replication needs PostgreSQL 13 or later (PG_URL is $version)"
+    wal=$(pg_value "SHOW wal_level")
+    slots=$(pg_value "SHOW max_replication_slots")
+    senders=$(pg_value "SHOW max_wal_senders")
+    keep=$(pg_value "SHOW max_slot_wal_keep_size")
+    role_ok=$(pg_value "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user")
+    [[ $wal == logical ]] || todo+=("ALTER SYSTEM SET wal_level = logical;            -- now $wal")
+    ((slots > 0)) || todo+=("ALTER SYSTEM SET max_replication_slots = 10;     -- now $slots")
+    ((senders > 0)) || todo+=("ALTER SYSTEM SET max_wal_senders = 10;           -- now $senders")
+    if ((${#todo[@]})); then todo+=("-- then restart PostgreSQL: these settings need a restart"); fi
+    [[ $role_ok == t ]] || todo+=("ALTER ROLE current_user REPLICATION;            -- the role of PG_URL")
+    [[ $keep != -1 ]] || advice+=("ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf();" \
+        "-- now unlimited: a slot left behind keeps WAL until the disk is full")
+    if ((${#todo[@]} + ${#advice[@]})); then
+        warn "PGCACHE_SOURCE=replication: for your PostgreSQL (PG_URL), as a superuser:"
+        if ((${#todo[@]})); then printf '    %s\n' "-- needed:" "${todo[@]}" >&2; fi
+        if ((${#advice[@]})); then printf '    %s\n' "-- strongly recommended:" "${advice[@]}" >&2; fi
+        warn "and in pg_hba.conf a line for the role: its replication=database connection matches"
+        warn "ordinary database lines, not 'replication' lines. This script changes none of it."
+    fi
+    ((${#todo[@]} == 0)) || die "PostgreSQL (PG_URL) is not ready for logical replication"
+    note "wal_level = logical, max_replication_slots = $slots, max_wal_senders = $senders," \
+        "max_slot_wal_keep_size = $keep; the demo's own slot $SLOT is dropped at exit"
+}
+
 show_logs() {
     if [[ -s "$REDIS_LOG" ]]; then
         echo "---- last lines of $REDIS_LOG ----" >&2
@@ -134,6 +184,7 @@ die() {
 REDIS_PID=
 SUB_PID=
 PG_STARTED=0
+DEMO_SLOT=0
 CLEANED=0
 
 stop_redis_pid() { # pid
@@ -152,6 +203,26 @@ stop_pg() { # datadir mode
     as_pg "$PG_BIN/pg_ctl" -D "$1" -m "$2" -w -t 30 stop >/dev/null 2>&1 || true
 }
 
+# The slot the module created on your server (PG_URL) for this demo: a slot
+# nobody reads keeps WAL without limit, so it goes when the demo does.
+drop_demo_slot() {
+    local i state
+    for ((i = 0; i < 50; i++)); do
+        state=$("$PSQL" -X -tA -c "SELECT active FROM pg_replication_slots WHERE slot_name = '$SLOT'" \
+            "${PSQL_CONN[@]}" 2>/dev/null) || break
+        [[ -z $state ]] && return 0
+        # Active until the walsender of the stopped server notices.
+        if [[ $state == f ]] && "$PSQL" -X -q -c "SELECT pg_drop_replication_slot('$SLOT')" \
+            "${PSQL_CONN[@]}" >/dev/null 2>&1; then
+            echo "dropped the replication slot $SLOT"
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "run.sh: could not drop the replication slot $SLOT: drop it yourself with" \
+        "SELECT pg_drop_replication_slot('$SLOT')" >&2
+}
+
 cleanup() {
     ((CLEANED)) && return 0
     CLEANED=1
@@ -167,6 +238,7 @@ cleanup() {
         wait "$REDIS_PID" 2>/dev/null || true
         rm -f "$REDIS_PIDFILE"
     fi
+    if ((DEMO_SLOT)); then drop_demo_slot; fi
     if ((PG_STARTED)); then
         echo "stopping PostgreSQL ($PGDATA)" 2>/dev/null
         stop_pg "$PGDATA" fast
@@ -256,6 +328,7 @@ if [[ -n "${PG_URL:-}" ]]; then
         note "found an existing users or products table: NOT loading sql/demo.sql"
         note "(it would drop them); the demo reads whatever rows you have"
     fi
+    if [[ $SOURCE == replication ]]; then check_replication_prerequisites; fi
 else
     if ((IS_ROOT)) && ! id postgres >/dev/null 2>&1; then
         die "running as root needs the 'postgres' system user (install postgresql)"
@@ -270,6 +343,11 @@ else
         if [[ $PGBASE != "$RUN" ]]; then chown postgres: "$PGBASE"; fi
     fi
 
+    if [[ $SOURCE == replication ]]; then
+        pg_major=$("$PG_BIN/postgres" -V | sed -n 's/^[^0-9]*\([0-9][0-9]*\).*/\1/p')
+        [[ -n $pg_major ]] || die "cannot tell the version of $PG_BIN/postgres"
+        ((pg_major >= 13)) || die "PGCACHE_SOURCE=replication needs PostgreSQL 13 or later ($PG_BIN is $pg_major; see PG_BINDIR)"
+    fi
     say "Creating a throw-away PostgreSQL cluster in ${PGDATA#"$ROOT"/} ($PG_BIN)"
     as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres -A trust -E UTF8 --locale=C --no-sync \
         >"$RUN/initdb.log" 2>&1 || { cat "$RUN/initdb.log" >&2; die "initdb failed"; }
@@ -283,6 +361,14 @@ else
             echo "port = $PG_PORT"
             echo "unix_socket_directories = '$PGSOCK'"
             echo "fsync = off"
+            if [[ $SOURCE == replication ]]; then
+                # Logical decoding (these three need a restart on a real server),
+                # and a bound on the WAL an abandoned slot may keep.
+                echo "wal_level = logical"
+                echo "max_replication_slots = 10"
+                echo "max_wal_senders = 10"
+                echo "max_slot_wal_keep_size = '1GB'"
+            fi
         } >>"$PGDATA/postgresql.auto.conf"
         PG_STARTED=1
         # setsid: its own session, so a Ctrl-C reaches only this script, which stops it.
@@ -305,6 +391,20 @@ else
     has_users=t has_products=t
 fi
 
+if [[ $SOURCE == replication ]]; then
+    # The publication exists before the module starts streaming from it.
+    say "Publish the demo tables: sql/pgcache.sql, then SELECT pgcache_publish(...) (no triggers)"
+    "$PSQL" -X -q -v ON_ERROR_STOP=1 -f "$ROOT/sql/pgcache.sql" "${PSQL_CONN[@]}" >/dev/null \
+        || die "loading sql/pgcache.sql failed"
+    for t in users products; do
+        [[ $t == users && $has_users == t || $t == products && $has_products == t ]] || continue
+        "$PSQL" -X -q -v ON_ERROR_STOP=1 -c "SELECT pgcache_publish('$t', '$PUBLICATION')" "${PSQL_CONN[@]}" >/dev/null \
+            || die "pgcache_publish('$t') failed"
+    done
+    note "wal_level = $("$PSQL" -X -tA -c 'SHOW wal_level' "${PSQL_CONN[@]}")," \
+        "publication $PUBLICATION: $("$PSQL" -X -tA -c "SELECT string_agg(schemaname || '.' || tablename, ', ' ORDER BY 1) FROM pg_publication_tables WHERE pubname = '$PUBLICATION'" "${PSQL_CONN[@]}")"
+fi
+
 # ---------------------------------------------------------------------------
 # Redis with the module
 
@@ -313,10 +413,23 @@ if [[ -n "${PG_URL:-}" ]]; then
 else
     MODULE_ARGS=(pg_host 127.0.0.1 pg_port "$PG_PORT" pg_database "$DB" pg_user postgres)
 fi
+REPL_ARGS=()
+if [[ $SOURCE == replication ]]; then
+    REPL_ARGS=(invalidation_source replication)
+    # Only where they differ from the module's defaults (pgcache, pgcache).
+    [[ $SLOT == pgcache ]] || REPL_ARGS+=(replication_slot "$SLOT")
+    [[ $PUBLICATION == pgcache ]] || REPL_ARGS+=(replication_publication "$PUBLICATION")
+    MODULE_ARGS+=("${REPL_ARGS[@]}")
+    [[ -z "${PG_URL:-}" ]] || DEMO_SLOT=1
+fi
 
 for attempt in 1 2 3; do
     REDIS_PORT=$(free_port "${PG_PORT:-}") || die "no free port for Redis"
     say "Starting $SERVER_NAME on 127.0.0.1:$REDIS_PORT with ${MODULE#"$ROOT"/}"
+    if [[ $SOURCE == replication ]]; then
+        note "invalidation by logical replication: slot $SLOT, publication $PUBLICATION" \
+            "(module arguments: ... ${REPL_ARGS[*]})"
+    fi
     # Own session: a Ctrl-C reaches this script, which then stops the servers in order.
     # (The module path is absolute: redis changes into --dir before loading modules.)
     setsid "$SERVER_BIN" --port "$REDIS_PORT" --bind 127.0.0.1 \
@@ -347,6 +460,20 @@ done
 # (MODULE LIST also shows the load arguments, a PG_URL password included: not printed.)
 "${R[@]}" MODULE LIST | grep -qx pgcache || die "MODULE LIST does not show the module 'pgcache'"
 note "module 'pgcache' loaded"
+if [[ $SOURCE == replication ]]; then
+    # Entries are served (and fills cached) once the stream has caught up.
+    trusted=0
+    for ((i = 0; i < 10 * STEP_TIMEOUT; i++)); do
+        if "${R[@]}" INFO pgcache | grep -q '^pgcache_entries_trusted:1'; then trusted=1; break; fi
+        sleep 0.1
+    done
+    state=$("${R[@]}" INFO pgcache | tr -d '\r' | sed -n 's/^pgcache_replication://p')
+    if ((trusted)); then
+        note "replication stream ${state:-up}: entries are served from the cache"
+    else
+        warn "replication not caught up within $STEP_TIMEOUT s (${state:-no state}): reads go to PostgreSQL"
+    fi
+fi
 
 # ---------------------------------------------------------------------------
 # The demo
@@ -422,7 +549,7 @@ if [[ $has_users == t ]]; then
         PGCACHE.INVALIDATE users '{"id":1}'
     step 'The entry is gone' EXISTS "$USER_KEY"
 fi
-if [[ $has_users == t ]]; then
+if [[ $has_users == t && $SOURCE == notify ]]; then
     # Automatic invalidation: triggers from sql/pgcache.sql notify the module.
     echo
     say "Watch users in PostgreSQL: sql/pgcache.sql, then SELECT pgcache_watch('users')"
@@ -437,6 +564,20 @@ if [[ $has_users == t ]]; then
         || die "UPDATE failed"
     sleep 0.3
     step 'The trigger notified the module: the entry is gone' EXISTS 'pg_cache:users:{"id":2}'
+    step 'READ users id 2 again: a miss, with the new name' PGCACHE.READ users '{"id":2}'
+fi
+if [[ $has_users == t && $SOURCE == replication ]]; then
+    # Automatic invalidation: the module decodes the change from its slot.
+    step 'READ users id 2: cached' PGCACHE.READ users '{"id":2}'
+    echo
+    say "UPDATE users SET name = 'Bob B.' WHERE id = 2, in PostgreSQL (users is published, it has no trigger)"
+    "$PSQL" -X -q -v ON_ERROR_STOP=1 -c "UPDATE users SET name = 'Bob B.' WHERE id = 2" "${PSQL_CONN[@]}" >/dev/null \
+        || die "UPDATE failed"
+    for ((i = 0; i < 10 * STEP_TIMEOUT; i++)); do
+        [[ $("${R[@]}" EXISTS 'pg_cache:users:{"id":2}') == 0 ]] && break
+        sleep 0.1
+    done
+    step "The module streamed the UPDATE from slot $SLOT: the entry is gone" EXISTS 'pg_cache:users:{"id":2}'
     step 'READ users id 2 again: a miss, with the new name' PGCACHE.READ users '{"id":2}'
 fi
 step 'STATS: the module counters' PGCACHE.STATS
@@ -461,6 +602,9 @@ else
     note "PostgreSQL: psql -h 127.0.0.1 -p $PG_PORT -U postgres $DB"
 fi
 note "Events:     redis-cli -p $REDIS_PORT SUBSCRIBE $EVENTS_CHANNEL"
+if [[ $SOURCE == replication ]]; then
+    note "Slot:       SELECT * FROM pg_replication_slots WHERE slot_name = '$SLOT'"
+fi
 note "Redis log:  ${REDIS_LOG#"$ROOT"/}"
 
 if [[ "${PGCACHE_RUN_NO_WAIT:-}" == 1 ]]; then

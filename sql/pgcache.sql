@@ -20,6 +20,10 @@
 -- pgcache_watch again after adding partitions.
 --
 -- Idempotent: run this file, and pgcache_watch, as often as you like.
+--
+-- For the module's `invalidation_source replication` no trigger is needed:
+-- pgcache_publish and pgcache_unpublish, at the end of this file, manage the
+-- publication it streams from instead.
 
 CREATE OR REPLACE FUNCTION pgcache_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -173,6 +177,134 @@ BEGIN
         END IF;
     ELSE
         RAISE NOTICE 'pgcache: not a superuser, so no event trigger: run pgcache_watch again after adding partitions to a watched table';
+    END IF;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Logical replication (the module's `invalidation_source replication`):
+-- publish the tables instead of watching them. No trigger, nothing runs on
+-- a write; the module streams the publication's changes from its slot.
+--
+--   SELECT pgcache_publish('users');                        -- publication pgcache
+--   SELECT pgcache_publish('app.accounts', 'my_pub');       -- the module's replication_publication
+--   SELECT pgcache_unpublish('users');
+--
+-- PostgreSQL 13 or later. The table's owner runs these; creating the
+-- publication also needs CREATE on the database, and adding to an existing
+-- one needs to own it. Tables are added one by one, never FOR ALL TABLES: a
+-- published table without a replica identity would make the application's
+-- UPDATE and DELETE fail, and a write must never fail because of the cache.
+-- So pgcache_publish refuses a table without a primary key, and one (or a
+-- partition of one) with REPLICA IDENTITY NOTHING or USING INDEX; DEFAULT
+-- (the primary key) and FULL are fine.
+--
+-- Partitioned tables: publish the partitioned table (the root of the tree),
+-- never a partition. The publication needs publish_via_partition_root, so
+-- changes name the root, as clients do; pgcache_publish creates it so, and
+-- refuses to add a partitioned table to an existing publication without it
+-- rather than change what the publication's other subscribers receive.
+-- It also refuses an existing publication that does not publish all of
+-- INSERT, UPDATE, DELETE and TRUNCATE, or that holds the table with a row
+-- filter or column list (PostgreSQL 15+): the cache would miss changes.
+--
+-- Idempotent: publishing a published table, or unpublishing one that is not
+-- (or from a publication that does not exist), does nothing.
+
+CREATE OR REPLACE FUNCTION pgcache_publish(tbl regclass, pub name DEFAULT 'pgcache') RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    rel record;
+    part record;
+    p record;
+    filtered boolean;
+BEGIN
+    IF pg_catalog.current_setting('server_version_num')::int < 130000 THEN
+        RAISE EXCEPTION 'pgcache_publish: PostgreSQL 13 or later is needed (this is %); use pgcache_watch',
+            pg_catalog.current_setting('server_version');
+    END IF;
+    SELECT c.relkind, c.relispartition INTO rel FROM pg_catalog.pg_class c WHERE c.oid = tbl;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'pgcache_publish: % is not a table', tbl;
+    END IF;
+    IF rel.relispartition THEN
+        RAISE EXCEPTION 'pgcache_publish: % is a partition: publish the partitioned table % instead',
+            tbl, pg_catalog.pg_partition_root(tbl);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
+        RAISE EXCEPTION 'pgcache_publish: table % has no primary key', tbl;
+    END IF;
+    -- The table and every partition under it (pg_partition_tree lists a
+    -- plain table's nothing): an UPDATE or DELETE of any of them fails once
+    -- published if its replica identity sends no key.
+    FOR part IN SELECT c.oid::regclass AS rel, c.relreplident
+                  FROM (SELECT tbl::oid AS relid, 0 AS level
+                        UNION ALL
+                        SELECT pt.relid, pt.level FROM pg_catalog.pg_partition_tree(tbl) pt
+                         WHERE pt.relid <> tbl) t
+                  JOIN pg_catalog.pg_class c ON c.oid = t.relid
+                 WHERE c.relkind IN ('r', 'p') AND c.relreplident IN ('n', 'i')
+                 ORDER BY t.level LIMIT 1 LOOP
+        RAISE EXCEPTION 'pgcache_publish: table % has REPLICA IDENTITY %; pgcache needs DEFAULT (the primary key) or FULL',
+            CASE WHEN part.rel = tbl THEN tbl::text ELSE part.rel::text || ' (a partition of ' || tbl::text || ')' END,
+            CASE part.relreplident WHEN 'n' THEN 'NOTHING' ELSE 'USING INDEX' END
+            USING HINT = pg_catalog.format('ALTER TABLE %s REPLICA IDENTITY DEFAULT', part.rel);
+    END LOOP;
+
+    SELECT x.oid, x.puballtables, x.pubinsert, x.pubupdate, x.pubdelete, x.pubtruncate, x.pubviaroot
+      INTO p FROM pg_catalog.pg_publication x WHERE x.pubname = pub;
+    IF NOT FOUND THEN
+        EXECUTE pg_catalog.format(
+            'CREATE PUBLICATION %I WITH (publish = %L, publish_via_partition_root = true)',
+            pub, 'insert, update, delete, truncate');
+        SELECT x.oid, x.puballtables, x.pubinsert, x.pubupdate, x.pubdelete, x.pubtruncate, x.pubviaroot
+          INTO p FROM pg_catalog.pg_publication x WHERE x.pubname = pub;
+    END IF;
+    IF NOT (p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate) THEN
+        RAISE EXCEPTION 'pgcache_publish: publication % does not publish all of insert, update, delete and truncate', pub
+            USING HINT = pg_catalog.format(
+                'ALTER PUBLICATION %I SET (publish = %L)', pub, 'insert, update, delete, truncate');
+    END IF;
+    IF rel.relkind = 'p' AND NOT p.pubviaroot THEN
+        RAISE EXCEPTION 'pgcache_publish: % is partitioned, and publication % has publish_via_partition_root off', tbl, pub
+            USING HINT = pg_catalog.format(
+                'ALTER PUBLICATION %I SET (publish_via_partition_root = true), if its other subscribers allow', pub);
+    END IF;
+    IF p.puballtables THEN
+        RETURN;  -- FOR ALL TABLES (made by someone else): the table is in it already
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = tbl) THEN
+        IF pg_catalog.current_setting('server_version_num')::int >= 150000 THEN
+            EXECUTE 'SELECT r.prqual IS NOT NULL OR r.prattrs IS NOT NULL FROM pg_catalog.pg_publication_rel r '
+                    'WHERE r.prpubid = $1 AND r.prrelid = $2'
+               INTO filtered USING p.oid, tbl;
+            IF filtered THEN
+                RAISE EXCEPTION 'pgcache_publish: publication % holds % with a row filter or column list', pub, tbl
+                    USING HINT = pg_catalog.format(
+                        'ALTER PUBLICATION %I DROP TABLE %s, then pgcache_publish again', pub, tbl);
+            END IF;
+        END IF;
+        RETURN;
+    END IF;
+    -- ONLY: a plain table's inheritance children (which may have no key)
+    -- stay out. A partitioned table brings its partitions whatever is said.
+    EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %s%s', pub,
+        CASE WHEN rel.relkind = 'r' THEN 'ONLY ' ELSE '' END, tbl);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgcache_unpublish(tbl regclass, pub name DEFAULT 'pgcache') RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Nothing to do when the table is not in the publication, or there is
+    -- no such publication. The publication itself stays, even when empty:
+    -- the module streams from it.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
+                 JOIN pg_catalog.pg_publication x ON x.oid = r.prpubid
+                WHERE x.pubname = pub AND r.prrelid = tbl) THEN
+        EXECUTE pg_catalog.format('ALTER PUBLICATION %I DROP TABLE %s%s', pub,
+            CASE WHEN (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl) = 'r'
+                 THEN 'ONLY ' ELSE '' END, tbl);
     END IF;
 END
 $$;
