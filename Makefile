@@ -55,7 +55,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: invalidation latency, then the issue-5 suite (bench/suite.rs); results into BENCHMARKS.md, chart bench/results.png
+## bench: invalidation latency, then the suite (bench/suite.rs: issue-5 figures, then writes per invalidation source, bench/writes.rs); results into BENCHMARKS.md, chart bench/results.png
 # The suite reads the invalidation bench's output from target/bench-invalidation.txt.
 bench: deps
 	$(CARGO) build --release

@@ -34,7 +34,8 @@ pub struct RateFigure {
     pub ratio: f64,
     /// The target as the table writes it, e.g. ">= 0.95" or "> 1".
     pub target: String,
-    /// Where the target's tick goes.
+    /// Where the target's tick goes; NaN for a figure without a target
+    /// (no tick, "no target" in its label).
     pub target_ratio: f64,
     /// Whether the table says the target is met.
     pub met: bool,
@@ -209,13 +210,19 @@ where
             ),
         ]
     }))?;
-    ctx.draw_series(rates.iter().enumerate().map(|(i, r)| {
-        let g = group(i);
-        PathElement::new(
-            vec![(r.target_ratio, g + 0.04), (r.target_ratio, g + 0.96)],
-            TARGET_COLOR.stroke_width(3),
-        )
-    }))?;
+    ctx.draw_series(
+        rates
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.target_ratio.is_finite())
+            .map(|(i, r)| {
+                let g = group(i);
+                PathElement::new(
+                    vec![(r.target_ratio, g + 0.04), (r.target_ratio, g + 0.96)],
+                    TARGET_COLOR.stroke_width(3),
+                )
+            }),
+    )?;
 
     // The figures' names right-aligned left of the axis: plotters' own tick
     // labels would sit at round numbers, not at the groups' centres.
@@ -230,6 +237,11 @@ where
     for (i, r) in rates.iter().enumerate() {
         let g = group(i);
         let verdict = if r.met { "met" } else { "NOT met" };
+        let target = if r.target_ratio.is_finite() {
+            format!("target {}: {verdict}", r.target)
+        } else {
+            "no target".to_string()
+        };
         ctx.draw_series([
             EmptyElement::at((0.0, g + 0.5))
                 + Text::new(
@@ -247,10 +259,9 @@ where
             EmptyElement::at((r.ratio.max(r.target_ratio), g + 0.30))
                 + Text::new(
                     format!(
-                        "{:.2}x: pgcache {}  (target {}: {verdict})",
+                        "{:.2}x: pgcache {}  ({target})",
                         r.ratio,
                         rate_text(r.pgcache_rate),
-                        r.target
                     ),
                     (8, 0),
                     value_style

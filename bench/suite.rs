@@ -7,12 +7,14 @@
 //! Prints one table at the end and, when `BENCHMARKS.md` has the markers
 //! `<!-- suite:begin -->` / `<!-- suite:end -->`, replaces what is between them.
 //! Draws the measured figures into `bench/results.png` (bench/chart.rs),
-//! which that section shows.
+//! which that section shows. Its last section, "writes" (bench/writes.rs),
+//! starts a PostgreSQL of its own for `pgbench -N` per invalidation source.
 
 mod chart;
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod font;
+mod writes;
 
 use chart::{Bar, BarPanel, Chart, RateFigure};
 use common::*;
@@ -157,6 +159,8 @@ struct Row {
     measured: String,
     target: String,
     met: Option<bool>,
+    /// Not measured in this run (the measured column says why).
+    unmeasured: bool,
 }
 
 #[derive(Default)]
@@ -178,6 +182,18 @@ impl Report {
             measured,
             target: target.into(),
             met,
+            unmeasured: false,
+        });
+    }
+    /// A figure this run could not measure; `why` goes in its measured column.
+    fn unmeasured(&mut self, figure: &str, why: String, target: &str) {
+        println!("  => {figure}: not measured: {why} (target {target})");
+        self.rows.push(Row {
+            figure: figure.into(),
+            measured: why,
+            target: target.into(),
+            met: None,
+            unmeasured: true,
         });
     }
     fn note(&mut self, s: String) {
@@ -192,7 +208,11 @@ impl Report {
                 r.figure,
                 r.measured,
                 r.target,
-                met_text(r.met)
+                if r.unmeasured {
+                    "not measured"
+                } else {
+                    met_text(r.met)
+                }
             );
         }
         if !self.notes.is_empty() {
@@ -312,7 +332,6 @@ fn cold_miss_throughput(pg: &PgServer, r: &RedisServer, rep: &mut Report) {
         "\\set id random(1, 1000000)\nSELECT * FROM items WHERE id = :id;\n",
     )
     .unwrap();
-    let bindir = pg_bindir();
     let mut c = r.con();
     let n = 60_000u64;
     let (mut ours, mut theirs, mut ratios, mut hit_share) = (vec![], vec![], vec![], vec![]);
@@ -336,28 +355,22 @@ fn cold_miss_throughput(pg: &PgServer, r: &RedisServer, rep: &mut Report) {
         let misses =
             stat_delta(&before, &after, "misses") + stat_delta(&before, &after, "coalesced_waits");
         hit_share.push(1.0 - misses as f64 / n as f64);
-        let out = cmd_output(
-            Command::new(bindir.join("pgbench"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &pg.port().to_string(),
-                    "-U",
-                    "postgres",
-                ])
-                .args([
-                    "-n", "-M", "prepared", "-c", "50", "-j", "2", "-T", "5", "-f",
-                ])
-                .arg(&script)
-                .arg(DB_NAME),
+        let tps = writes::pgbench_tps(
+            pg.port(),
+            &[
+                "-n",
+                "-M",
+                "prepared",
+                "-c",
+                "50",
+                "-j",
+                "2",
+                "-T",
+                "5",
+                "-f",
+                script.to_str().unwrap(),
+            ],
         );
-        let tps: f64 = out
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("tps = "))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_else(|| panic!("no tps in pgbench output:\n{out}"));
         ratios.push(p / tps);
         ours.push(p);
         theirs.push(tps);
@@ -1043,8 +1056,16 @@ fn write_results(text: &str) {
     }
 }
 
-fn main() {
-    let started = Instant::now();
+/// The servers of every section but "writes" (which starts its own):
+/// PostgreSQL with `items`, a Redis on it, and one behind the delay proxy.
+struct Servers {
+    pg: PgServer,
+    r: RedisServer,
+    proxy: DelayProxy,
+    slow: RedisServer,
+}
+
+fn start_servers() -> Servers {
     println!("== suite: PostgreSQL with items(id int primary key, payload text), {ROWS} rows");
     let pg = PgServer::start_with_schema(&format!(
         "CREATE TABLE items(id int PRIMARY KEY, payload text);\n\
@@ -1056,6 +1077,22 @@ fn main() {
     slow_args.extend(["events", "none"].map(String::from));
     let slow = RedisServer::start(&slow_args);
     slow.wait_until_ready();
+    Servers { pg, r, proxy, slow }
+}
+
+fn main() {
+    let started = Instant::now();
+    // PGCACHE_BENCH_ONLY=ping,app (any of hit, cold, multiread, thousand,
+    // ping, app, writes) runs only those figures, prints them and leaves
+    // BENCHMARKS.md and the chart alone: for working on one hot path.
+    let only: Option<Vec<String>> = std::env::var("PGCACHE_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|f| f.trim().to_string()).collect());
+    let runs = |figure: &str| only.as_ref().is_none_or(|o| o.iter().any(|f| f == figure));
+    let servers = ["hit", "cold", "multiread", "thousand", "ping", "app"]
+        .iter()
+        .any(|f| runs(f))
+        .then(start_servers);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1064,46 +1101,48 @@ fn main() {
     let mut rep = Report::default();
     println!("   ready after {:.1} s", started.elapsed().as_secs_f64());
 
-    // PGCACHE_BENCH_ONLY=ping,app (any of hit, cold, multiread, thousand,
-    // ping, app) runs only those figures, prints them and leaves
-    // BENCHMARKS.md and the chart alone: for working on one hot path.
-    let only: Option<Vec<String>> = std::env::var("PGCACHE_BENCH_ONLY")
-        .ok()
-        .map(|v| v.split(',').map(|f| f.trim().to_string()).collect());
-    let runs = |figure: &str| only.as_ref().is_none_or(|o| o.iter().any(|f| f == figure));
-    if runs("hit") {
-        println!("== hit throughput (redis-benchmark, 50 clients)");
-        hit_throughput(&r, &mut rep);
+    if let Some(Servers { pg, r, proxy, slow }) = &servers {
+        if runs("hit") {
+            println!("== hit throughput (redis-benchmark, 50 clients)");
+            hit_throughput(r, &mut rep);
+        }
+        if runs("cold") {
+            println!("== cold-miss throughput (redis-benchmark vs pgbench)");
+            cold_miss_throughput(pg, r, &mut rep);
+        }
+        if runs("multiread") {
+            println!("== MULTIREAD vs pipelined READs");
+            multiread_vs_pipeline(r, &mut rep);
+        }
+        if runs("thousand") {
+            println!("== 1000 concurrent reads of one cold key");
+            thousand_readers(pg, r, &rt, &mut rep);
+        }
+        if runs("ping") {
+            println!("== PING under a slow PostgreSQL");
+            ping_under_slow_pg(slow, proxy, &rt, &mut rep);
+        }
+        if runs("app") {
+            println!("== application workload");
+            application("", "", r, pg.port(), &rt, &mut rep);
+            proxy.set_delay_ms(1);
+            application(
+                ", PostgreSQL + 1 ms per round trip",
+                ", PG + 1 ms",
+                slow,
+                proxy.port(),
+                &rt,
+                &mut rep,
+            );
+            proxy.set_delay_ms(0);
+        }
     }
-    if runs("cold") {
-        println!("== cold-miss throughput (redis-benchmark vs pgbench)");
-        cold_miss_throughput(&pg, &r, &mut rep);
-    }
-    if runs("multiread") {
-        println!("== MULTIREAD vs pipelined READs");
-        multiread_vs_pipeline(&r, &mut rep);
-    }
-    if runs("thousand") {
-        println!("== 1000 concurrent reads of one cold key");
-        thousand_readers(&pg, &r, &rt, &mut rep);
-    }
-    if runs("ping") {
-        println!("== PING under a slow PostgreSQL");
-        ping_under_slow_pg(&slow, &proxy, &rt, &mut rep);
-    }
-    if runs("app") {
-        println!("== application workload");
-        application("", "", &r, pg.port(), &rt, &mut rep);
-        proxy.set_delay_ms(1);
-        application(
-            ", PostgreSQL + 1 ms per round trip",
-            ", PG + 1 ms",
-            &slow,
-            proxy.port(),
-            &rt,
-            &mut rep,
-        );
-        proxy.set_delay_ms(0);
+    // The writes section runs its own servers on a machine the others no
+    // longer load.
+    drop(servers);
+    if runs("writes") {
+        println!("== writes: pgbench -N per invalidation source, commit to entry gone");
+        writes::writes(&rt, &mut rep);
     }
     if only.is_some() {
         println!("\n{}", rep.markdown());
