@@ -211,6 +211,35 @@ $$;
 -- Idempotent: publishing a published table, or unpublishing one that is not
 -- (or from a publication that does not exist), does nothing.
 
+-- TRUNCATE of a partition: with publish_via_partition_root, pgoutput sends
+-- nothing for it (it sends only the roots' changes). A statement trigger on
+-- each partition notes the truncation in pgcache_truncations, which is
+-- published too: the module flushes the root's entries when the note's
+-- change arrives, in the truncating transaction's order. SECURITY DEFINER:
+-- whoever may TRUNCATE a partition needs no grant on the notes.
+CREATE TABLE IF NOT EXISTS pgcache_truncations (
+    root_schema text NOT NULL,
+    root_name   text NOT NULL,
+    truncated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (root_schema, root_name)
+);
+
+CREATE OR REPLACE FUNCTION pgcache_note_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    root oid := pg_catalog.pg_partition_root(TG_RELID);
+    note regclass := pg_catalog.format('%I.pgcache_truncations', TG_ARGV[0])::regclass;
+BEGIN
+    EXECUTE pg_catalog.format(
+        'INSERT INTO %s AS t (root_schema, root_name) '
+        'SELECT n.nspname, c.relname FROM pg_catalog.pg_class c '
+        'JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1 '
+        'ON CONFLICT (root_schema, root_name) DO UPDATE SET truncated_at = pg_catalog.now()', note)
+        USING root;
+    RETURN NULL;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pgcache_publish(tbl regclass, pub name DEFAULT 'pgcache') RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -271,6 +300,7 @@ BEGIN
                 'ALTER PUBLICATION %I SET (publish_via_partition_root = true), if its other subscribers allow', pub);
     END IF;
     IF p.puballtables THEN
+        PERFORM pgcache_publish_truncations(tbl, pub);
         RETURN;  -- FOR ALL TABLES (made by someone else): the table is in it already
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = tbl) THEN
@@ -284,12 +314,46 @@ BEGIN
                         'ALTER PUBLICATION %I DROP TABLE %s, then pgcache_publish again', pub, tbl);
             END IF;
         END IF;
+        PERFORM pgcache_publish_truncations(tbl, pub);
         RETURN;
     END IF;
     -- ONLY: a plain table's inheritance children (which may have no key)
     -- stay out. A partitioned table brings its partitions whatever is said.
     EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %s%s', pub,
         CASE WHEN rel.relkind = 'r' THEN 'ONLY ' ELSE '' END, tbl);
+    PERFORM pgcache_publish_truncations(tbl, pub);
+END
+$$;
+
+-- The truncation notes of a partitioned table (see pgcache_truncations):
+-- its partitions' triggers, and the notes' table in the publication. Run
+-- pgcache_publish again after adding partitions.
+CREATE OR REPLACE FUNCTION pgcache_publish_truncations(tbl regclass, pub name) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    part regclass;
+    notes regclass := 'pgcache_truncations'::regclass;
+    notes_schema name := (SELECT n.nspname FROM pg_catalog.pg_class c
+                            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                           WHERE c.oid = 'pgcache_truncations'::regclass);
+BEGIN
+    IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl) <> 'p' THEN
+        RETURN;
+    END IF;
+    FOR part IN SELECT pt.relid FROM pg_catalog.pg_partition_tree(tbl) pt WHERE pt.relid <> tbl LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                        WHERE t.tgrelid = part AND t.tgname = 'pgcache_truncate_note') THEN
+            EXECUTE pg_catalog.format(
+                'CREATE TRIGGER pgcache_truncate_note AFTER TRUNCATE ON %s '
+                'FOR EACH STATEMENT EXECUTE FUNCTION pgcache_note_truncate(%L)', part, notes_schema);
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
+                     JOIN pg_catalog.pg_publication x ON x.oid = r.prpubid
+                    WHERE x.pubname = pub AND r.prrelid = notes)
+       AND NOT (SELECT x.puballtables FROM pg_catalog.pg_publication x WHERE x.pubname = pub) THEN
+        EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE ONLY %s', pub, notes);
+    END IF;
 END
 $$;
 

@@ -32,9 +32,10 @@ use crate::stats::{self, REPLICATION, STATS};
 use pgcache_core::event::{EventType, Source};
 use pgcache_core::pgoutput::{self, format_lsn, parse_frame, parse_message, Frame, Lsn, Message};
 use pgcache_core::replication::{
-    change_keys, key_map, operation, plan, Drops, KeyMap, Marker, Plan, Relation, Server,
-    SlotAction, SlotState, Snapshot,
+    change_keys, key_map, operation, plan, truncation_note, truncation_note_columns, Drops, KeyMap,
+    Marker, Plan, Relation, Server, SlotAction, SlotState, Snapshot,
 };
+use pgcache_core::schema::key_name;
 use pgcache_core::sql::{quote_ident, quote_literal};
 use pgcache_core::{Settings, TableSchema};
 use pgcache_pg::control::Control;
@@ -499,6 +500,8 @@ enum Mapping {
 struct RelationState {
     key_name: String,
     mapping: Mapping,
+    /// A truncation notes table: where its rows name the root.
+    notes: Option<(usize, usize)>,
 }
 
 /// One committed transaction, not applied yet.
@@ -652,6 +655,15 @@ impl Applier {
                 };
                 txn.drops.changes += 1;
                 let op = operation(&message);
+                if let Some(cols) = self.relations.get(oid).and_then(|r| r.notes) {
+                    // A partition's TRUNCATE: flush its root's entries.
+                    if let Some((schema, name)) = truncation_note(cols, &message) {
+                        let root = key_name(&schema, &name);
+                        let table = catalog::by_key_name(&root);
+                        txn.drops.flush_table(root, table, "TRUNCATE");
+                    }
+                    return Ok(());
+                }
                 match self.relations.get(oid).map(|r| &r.mapping) {
                     Some(Mapping::Keys(map)) => match change_keys(map, &message) {
                         Ok(keys) => txn.drops.add_keys(&map.table, keys, limit),
@@ -703,6 +715,7 @@ impl Applier {
                         Some(RelationState {
                             mapping: Mapping::Flush(target),
                             key_name,
+                            ..
                         }) => {
                             let table = match target {
                                 Target::Table(t) => Some(t.clone()),
@@ -774,11 +787,13 @@ impl Applier {
                 }
             },
         };
+        let notes = truncation_note_columns(&rel);
         self.relations.insert(
             rel.oid,
             RelationState {
                 key_name: name,
                 mapping,
+                notes,
             },
         );
     }

@@ -300,10 +300,18 @@ fn partitioned_tables_are_published_through_their_root() {
     pg.execute("SELECT pgcache_publish('events')");
     pg.execute("SELECT pgcache_publish('events')");
     assert_eq!(options(&pg, "pgcache").as_deref(), Some("f,t,t,t,t,t"));
-    assert_eq!(published(&pg, "pgcache"), ["public.events"]);
+    // With the truncation notes: pgoutput sends no TRUNCATE of a partition.
+    let expected = ["public.events", "public.pgcache_truncations"];
+    assert_eq!(published(&pg, "pgcache"), expected);
+    let note_triggers = pg
+        .query_text("SELECT count(*)::text FROM pg_trigger WHERE tgname = 'pgcache_truncate_note'");
+    assert!(
+        note_triggers.is_some_and(|n| n != "0"),
+        "each partition notes its TRUNCATE"
+    );
     // A partition made later is covered too.
     pg.execute("CREATE TABLE events_3 PARTITION OF events FOR VALUES IN (3)");
-    assert_eq!(published(&pg, "pgcache"), ["public.events"]);
+    assert_eq!(published(&pg, "pgcache"), expected);
 
     // Writes to partitions succeed and are streamed under the root's name.
     pg.execute("SELECT pg_create_logical_replication_slot('t', 'pgoutput')");
@@ -381,7 +389,11 @@ fn partitioned_tables_are_published_through_their_root() {
 
     // Unpublishing the root takes the whole tree out.
     pg.execute("SELECT pgcache_unpublish('events')");
-    assert!(published(&pg, "pgcache").is_empty());
+    assert_eq!(
+        published(&pg, "pgcache"),
+        ["public.pgcache_truncations"],
+        "the notes stay"
+    );
 }
 
 #[test]

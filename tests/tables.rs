@@ -192,11 +192,43 @@ fn order_key(id: i64, region: &str) -> String {
 /// `orders` watched with `pgcache_watch`; a Redis with the module (and
 /// `extra_args`), its listener ready.
 fn watched_orders(extra_args: &[&str]) -> (PgServer, RedisServer) {
-    let pg = PgServer::start_with_schema(ORDERS);
+    orders_invalidated_by(Source::Notify, extra_args)
+}
+
+/// Which invalidation source a test runs with (SPEC §6 and §11).
+#[derive(Clone, Copy)]
+enum Source {
+    Notify,
+    Replication,
+}
+
+/// `orders` watched (`Notify`) or published (`Replication`, no trigger),
+/// and a Redis whose source is ready.
+fn orders_invalidated_by(source: Source, extra_args: &[&str]) -> (PgServer, RedisServer) {
+    let mut pg = PgServer::start_with_schema(ORDERS);
     pg.execute(&pgcache_sql());
-    pg.execute("SELECT pgcache_watch('orders')");
-    let r = RedisServer::with_pg(&pg, extra_args);
+    let mut args: Vec<&str> = extra_args.to_vec();
+    match source {
+        Source::Notify => pg.execute("SELECT pgcache_watch('orders')"),
+        Source::Replication => {
+            pg.enable_logical_replication();
+            pg.execute("SELECT pgcache_publish('orders')");
+            args.extend(["invalidation_source", "replication"]);
+        }
+    }
+    let r = RedisServer::with_pg(&pg, &args);
     wait_listener_ready(&r);
+    if let Source::Replication = source {
+        let mut c = r.con();
+        wait_until("replication streaming", || {
+            let s = stats(&mut c);
+            if stat_str(&s, "replication") == "streaming" && stat_of(&s, "entries_trusted") == 1 {
+                Ok(())
+            } else {
+                Err(s.to_string())
+            }
+        });
+    }
     (pg, r)
 }
 
@@ -239,7 +271,17 @@ fn read_until_cached(c: &mut redis::Connection, table: &str, pk: &str, key: &str
 /// read through the parent.
 #[test]
 fn partition_row_changes_invalidate_parent_entries() {
-    let (pg, r) = watched_orders(&[]);
+    partition_row_changes_invalidate_parent_entries_with(Source::Notify);
+}
+
+/// The same with the replication source.
+#[test]
+fn partition_row_changes_invalidate_parent_entries_by_replication() {
+    partition_row_changes_invalidate_parent_entries_with(Source::Replication);
+}
+
+fn partition_row_changes_invalidate_parent_entries_with(source: Source) {
+    let (pg, r) = orders_invalidated_by(source, &[]);
     let mut c = r.con();
     read_orders(&mut c, &[(1, "eu"), (2, "eu"), (1, "us")]);
 
@@ -274,7 +316,17 @@ fn partition_row_changes_invalidate_parent_entries() {
 /// old key and the (negative) entry of its new key.
 #[test]
 fn row_moved_between_partitions() {
-    let (pg, r) = watched_orders(&["negative_ttl", "300"]);
+    row_moved_between_partitions_with(Source::Notify);
+}
+
+/// The same with the replication source.
+#[test]
+fn row_moved_between_partitions_by_replication() {
+    row_moved_between_partitions_with(Source::Replication);
+}
+
+fn row_moved_between_partitions_with(source: Source) {
+    let (pg, r) = orders_invalidated_by(source, &["negative_ttl", "300"]);
     let mut c = r.con();
     read_orders(&mut c, &[(3, "eu")]);
     assert_eq!(read_v(&mut c, "orders", &order_pk(3, "us")), None);
@@ -306,7 +358,17 @@ fn row_moved_between_partitions() {
 /// drops all.
 #[test]
 fn truncate_of_a_partition_and_of_the_parent() {
-    let (pg, r) = watched_orders(&[]);
+    truncate_of_a_partition_and_of_the_parent_with(Source::Notify);
+}
+
+/// The same with the replication source.
+#[test]
+fn truncate_of_a_partition_and_of_the_parent_by_replication() {
+    truncate_of_a_partition_and_of_the_parent_with(Source::Replication);
+}
+
+fn truncate_of_a_partition_and_of_the_parent_with(source: Source) {
+    let (pg, r) = orders_invalidated_by(source, &[]);
     let mut c = r.con();
     let eu = [(1, "eu"), (2, "eu"), (3, "eu")];
     read_orders(&mut c, &eu);

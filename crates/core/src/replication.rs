@@ -475,6 +475,33 @@ impl Drops {
     }
 }
 
+/// The notes table `sql/pgcache.sql` publishes: a TRUNCATE of a partition
+/// (which pgoutput does not send when publishing via the root) writes a row
+/// naming the root there.
+pub const TRUNCATION_NOTES: &str = "pgcache_truncations";
+
+/// Where a notes relation keeps the root's schema and name, if `rel` is one.
+pub fn truncation_note_columns(rel: &Relation) -> Option<(usize, usize)> {
+    if rel.name != TRUNCATION_NOTES {
+        return None;
+    }
+    let at = |n: &str| rel.columns.iter().position(|(c, _)| c == n);
+    Some((at("root_schema")?, at("root_name")?))
+}
+
+/// The root a note names (schema, name), from its new tuple.
+pub fn truncation_note(columns: (usize, usize), change: &Message<'_>) -> Option<(String, String)> {
+    let new = match change {
+        Message::Insert { new, .. } | Message::Update { new, .. } => new,
+        _ => return None,
+    };
+    let text = |i: usize| match new.get(i)? {
+        Datum::Text(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+        _ => None,
+    };
+    Some((text(columns.0)?, text(columns.1)?))
+}
+
 /// The name an operation goes by in events and logs.
 pub fn operation(change: &Message<'_>) -> &'static str {
     match change {
@@ -732,6 +759,34 @@ mod tests {
             }
         )
         .is_err());
+    }
+
+    #[test]
+    fn truncation_notes_name_their_root() {
+        let notes = Relation {
+            oid: 9,
+            schema: "public".into(),
+            name: TRUNCATION_NOTES.into(),
+            identity: ReplicaIdentity::Default,
+            columns: vec![
+                ("root_schema".into(), true),
+                ("root_name".into(), true),
+                ("truncated_at".into(), false),
+            ],
+        };
+        let cols = truncation_note_columns(&notes).unwrap();
+        let ins = Message::Insert {
+            oid: 9,
+            new: vec![Datum::Text(b"app"), Datum::Text(b"orders"), Datum::Null],
+        };
+        assert_eq!(
+            truncation_note(cols, &ins),
+            Some(("app".to_owned(), "orders".to_owned()))
+        );
+        assert_eq!(
+            truncation_note_columns(&rel(ReplicaIdentity::Default, &[("id", true)])),
+            None
+        );
     }
 
     #[test]
