@@ -384,3 +384,63 @@ fn a_large_transaction_flushes_its_table_past_the_key_limit() {
     );
     assert_hit(&mut c, 2, "another table's entry");
 }
+
+#[test]
+fn a_postgresql_restart_resumes_without_a_flush() {
+    let mut pg = replication_pg();
+    let r = start_redis(&pg, &[]);
+    wait_streaming(&r);
+    let mut c = r.con();
+    for id in [1, 2] {
+        let _ = name_of(&mut c, id);
+    }
+    wait_marker(&r);
+    pg.stop();
+    pg.start();
+    pg.execute("UPDATE users SET name = 'after the restart' WHERE id = 1");
+    wait_until("resumed after PostgreSQL restarted", || {
+        let s = stats(&mut c);
+        if stat_of(&s, "replication_resumes") >= 1 && stat_of(&s, "entries_trusted") == 1 {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    wait_gone(&mut c, &user_key(1));
+    assert_eq!(name_of(&mut c, 1).as_deref(), Some("after the restart"));
+    assert_hit(&mut c, 2, "after PostgreSQL restarted");
+    assert_eq!(
+        stat_of(&stats(&mut c), "replication_gap_flushes"),
+        1,
+        "only the first connection's"
+    );
+}
+
+/// The slot is confirmed as the module applies, and while nothing it
+/// publishes changes (WAL of other tables), so WAL does not pile up.
+#[test]
+fn positions_are_confirmed_including_while_idle() {
+    let pg = replication_pg();
+    pg.execute("CREATE TABLE unpublished (id int PRIMARY KEY, v text)");
+    let r = start_redis(&pg, &["replication_ack_delay_ms", "0"]);
+    wait_streaming(&r);
+    pg.execute("INSERT INTO unpublished SELECT g, 'x' FROM generate_series(1, 1000) g");
+    let target = pg.query_text("SELECT pg_current_wal_lsn()::text").unwrap();
+    wait_until(
+        "the slot is confirmed past WAL it had nothing to send for",
+        || {
+            let ok = pg.query_text(&format!(
+            "SELECT (confirmed_flush_lsn >= '{target}'::pg_lsn)::text FROM pg_replication_slots \
+             WHERE slot_name = 'pgcache'"
+        ));
+            if ok.as_deref() == Some("true") {
+                Ok(())
+            } else {
+                Err(format!("{ok:?}"))
+            }
+        },
+    );
+    let mut c = r.con();
+    let s = stats(&mut c);
+    assert_ne!(stat_str(&s, "replication_acked_lsn"), "0/0", "{s}");
+}
