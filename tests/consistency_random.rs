@@ -307,7 +307,29 @@ fn pair_key(a: i64, b: &str) -> String {
 // ---------------------------------------------------------------------------
 // PostgreSQL: schema and writers
 
-fn schema() -> String {
+/// Which invalidation source the run uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Source {
+    Notify,
+    Replication,
+}
+
+/// The module's invalidation sessions: the notify listener, or the
+/// replication source's walsender and control connection.
+fn source_session_pids(pg: &PgServer) -> Vec<String> {
+    let mut pids = listen_session_pids(pg);
+    pids.extend(
+        pg.query_texts(
+            "SELECT pid::text FROM pg_stat_activity \
+             WHERE application_name LIKE 'pgcache replication%' AND pid <> pg_backend_pid()",
+        )
+        .into_iter()
+        .flatten(),
+    );
+    pids
+}
+
+fn schema(source: Source) -> String {
     let watch =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/pgcache.sql"))
             .expect("sql/pgcache.sql");
@@ -322,10 +344,14 @@ INSERT INTO pairs SELECT a, b, a * 100
 CREATE TABLE sentinel (id INTEGER PRIMARY KEY, v INTEGER NOT NULL);
 INSERT INTO sentinel VALUES (1, 0);
 {watch}
-SELECT pgcache_watch('items');
-SELECT pgcache_watch('pairs');
-SELECT pgcache_watch('sentinel');
-"#
+SELECT pgcache_{how}('items');
+SELECT pgcache_{how}('pairs');
+SELECT pgcache_{how}('sentinel');
+"#,
+        how = match source {
+            Source::Notify => "watch",
+            Source::Replication => "publish",
+        }
     )
 }
 
@@ -1091,7 +1117,7 @@ fn total_keys(c: &mut redis::Connection) -> i64 {
 fn fault(name: &str, rng: &mut Rng, pg: &mut PgServer, r: &mut SoakRedis, sh: &Shared) -> String {
     match name {
         "listener_kill" => {
-            let pids = listen_session_pids(pg);
+            let pids = source_session_pids(pg);
             if pids.is_empty() {
                 sh.tally.add("listener_kill_skipped");
                 return "no LISTEN session (listener reconnecting): skipped".into();
@@ -1146,7 +1172,7 @@ fn fault(name: &str, rng: &mut Rng, pg: &mut PgServer, r: &mut SoakRedis, sh: &S
             // The listener is cut off and cannot reconnect for a while, but
             // the writers' and the pool's open sessions go on: changes are
             // committed and rows filled while no notification is heard.
-            let pids = listen_session_pids(pg);
+            let pids = source_session_pids(pg);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -1592,6 +1618,18 @@ fn check_reads(
 /// shape during the load, and no command went unanswered for 60 s.
 #[test]
 fn random_writes_reads_and_faults_leave_no_stale_entry() {
+    run(Source::Notify);
+}
+
+/// The same with `invalidation_source replication`: no trigger; the
+/// module resumes from its marker after the stream, PostgreSQL or Redis
+/// went away.
+#[test]
+fn random_writes_reads_and_faults_leave_no_stale_entry_by_replication() {
+    run(Source::Replication);
+}
+
+fn run(source: Source) {
     let seed = seed_from_env();
     let seconds = soak_seconds();
     eprintln!(
@@ -1600,8 +1638,12 @@ fn random_writes_reads_and_faults_leave_no_stale_entry() {
     );
     let mut rng = Rng::new(seed);
 
-    let mut pg = PgServer::start_with_schema(&schema());
+    let mut pg = PgServer::start_with_schema(&schema(source));
     let mut module_args = pg.module_args();
+    if source == Source::Replication {
+        pg.enable_logical_replication();
+        module_args.extend(["invalidation_source", "replication"].map(String::from));
+    }
     module_args.extend(
         [
             "default_ttl",
