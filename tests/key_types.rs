@@ -46,6 +46,10 @@ impl KeyType {
     fn watched(&self) -> String {
         format!("w_{}", self.stem)
     }
+    /// The table published for the replication source.
+    fn replicated(&self) -> String {
+        format!("r_{}", self.stem)
+    }
     fn seeded(&self) -> String {
         format!("s_{}", self.stem)
     }
@@ -280,10 +284,66 @@ fn check_types(
     }
 }
 
+/// `r_` tables published on a PostgreSQL with `wal_level = logical`, and a
+/// Redis whose source is `replication`, streaming.
+fn start_replicated(prelude: &str, types: &[&KeyType]) -> (PgServer, RedisServer) {
+    let mut sql = String::from(prelude);
+    sql.push('\n');
+    sql.push_str(&pgcache_sql());
+    for t in types {
+        let _ = writeln!(
+            sql,
+            "CREATE TABLE {table} (k {} PRIMARY KEY, v text);\n\
+             INSERT INTO {table} VALUES {};\n\
+             SELECT pgcache_publish('{table}');",
+            t.ty,
+            t.rows,
+            table = t.replicated()
+        );
+    }
+    let mut pg = PgServer::start_with_schema(&sql);
+    pg.enable_logical_replication();
+    let mut args = pg.module_args();
+    args.extend(["invalidation_source", "replication"].map(String::from));
+    let r = RedisServer::start(&args);
+    let mut c = r.con();
+    wait_until("replication streaming", || {
+        let s = stats(&mut c);
+        if stat_str(&s, "replication") == "streaming" && stat_of(&s, "entries_trusted") == 1 {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    (pg, r)
+}
+
 fn run(prelude: &str, types: &[&KeyType], writer: &str) {
     let (pg, r) = start(prelude, types);
     let mut findings = Findings::default();
     check_types(&pg, &r, types, writer, &mut findings);
+    drop((pg, r));
+    // The keys the replication source computes meet READ's too.
+    let (pg, r) = start_replicated(prelude, types);
+    let mut c = r.con();
+    for t in types {
+        let table = t.replicated();
+        findings.check(
+            &format!(
+                "{table} ({}) invalidation through logical replication",
+                t.ty
+            ),
+            || check_invalidation(&pg, &mut c, &table, "logical replication", t, writer),
+        );
+    }
+    findings.check("replication mapped every key exactly", || {
+        let s = stats(&mut c);
+        assert_eq!(
+            stat_of(&s, "replication_tables_flushed"),
+            0,
+            "a change was applied as a table flush, not key by key: {s}"
+        );
+    });
     findings.finish();
 }
 
