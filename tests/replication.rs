@@ -444,3 +444,57 @@ fn positions_are_confirmed_including_while_idle() {
     let s = stats(&mut c);
     assert_ne!(stat_str(&s, "replication_acked_lsn"), "0/0", "{s}");
 }
+
+/// `max_slot_wal_keep_size` let PostgreSQL give the slot up while Redis was
+/// down: a clear warning, the slot recreated, everything cached dropped.
+#[test]
+fn a_lost_slot_is_recreated_with_a_gap_flush() {
+    let pg = replication_pg();
+    let mut r = start_redis(&pg, &[]);
+    wait_streaming(&r);
+    {
+        let mut c = r.con();
+        let _ = name_of(&mut c, 2);
+    }
+    wait_marker(&r);
+    let _: () = redis::cmd("SAVE").query(&mut r.con()).unwrap();
+    r.restart_after(|| {
+        pg.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+        pg.execute("SELECT pg_reload_conf()");
+        pg.execute("CREATE TABLE filler AS SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 150000) g");
+        wait_until("the slot is lost", || {
+            pg.execute("SELECT pg_switch_wal()");
+            pg.execute("CHECKPOINT");
+            match pg.query_text("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pgcache'") {
+                Some(s) if s == "lost" => Ok(()),
+                other => {
+                    pg.execute("INSERT INTO filler SELECT g, repeat('y', 500) FROM generate_series(1, 20000) g");
+                    Err(format!("{other:?}"))
+                }
+            }
+        });
+        pg.execute("ALTER SYSTEM RESET max_slot_wal_keep_size");
+        pg.execute("SELECT pg_reload_conf()");
+    });
+    let s = wait_streaming(&r);
+    assert_eq!(
+        stat_str(&s, "replication_last_gap_reason"),
+        "slot_lost",
+        "{s}"
+    );
+    let mut c = r.con();
+    assert!(
+        !exists(&mut c, &user_key(2)),
+        "flushed: the changes since are unknowable"
+    );
+    let log = r.log();
+    assert!(
+        log.contains("lost WAL it needed"),
+        "a clear warning: {}",
+        tail(&log, 20)
+    );
+    pg.execute("UPDATE users SET name = 'after the new slot' WHERE id = 2");
+    let _ = name_of(&mut c, 3);
+    pg.execute("UPDATE users SET name = 'streams again' WHERE id = 3");
+    wait_gone(&mut c, &user_key(3));
+}
