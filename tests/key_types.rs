@@ -306,15 +306,7 @@ fn start_replicated(prelude: &str, types: &[&KeyType]) -> (PgServer, RedisServer
     let mut args = pg.module_args();
     args.extend(["invalidation_source", "replication"].map(String::from));
     let r = RedisServer::start(&args);
-    let mut c = r.con();
-    wait_until("replication streaming", || {
-        let s = stats(&mut c);
-        if stat_str(&s, "replication") == "streaming" && stat_of(&s, "entries_trusted") == 1 {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
+    wait_replication_streaming(&r);
     (pg, r)
 }
 

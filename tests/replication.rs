@@ -36,21 +36,7 @@ fn start_redis(pg: &PgServer, extra: &[&str]) -> RedisServer {
 /// Waits until the source streams, caught up, and entries are trusted.
 #[track_caller]
 fn wait_streaming(r: &RedisServer) -> Value {
-    let mut c = r.con();
-    let mut out = Value::Null;
-    wait_until("replication streaming and entries trusted", || {
-        let s = stats(&mut c);
-        if stat_str(&s, "replication") == "streaming"
-            && stat_of(&s, "entries_trusted") == 1
-            && stat_of(&s, "gap_flush_running") == 0
-        {
-            out = s;
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
-    out
+    wait_replication_streaming(r)
 }
 
 /// Waits until the progress marker is in Redis (written within about a

@@ -219,15 +219,7 @@ fn orders_invalidated_by(source: Source, extra_args: &[&str]) -> (PgServer, Redi
     let r = RedisServer::with_pg(&pg, &args);
     wait_listener_ready(&r);
     if let Source::Replication = source {
-        let mut c = r.con();
-        wait_until("replication streaming", || {
-            let s = stats(&mut c);
-            if stat_str(&s, "replication") == "streaming" && stat_of(&s, "entries_trusted") == 1 {
-                Ok(())
-            } else {
-                Err(s.to_string())
-            }
-        });
+        wait_replication_streaming(&r);
     }
     (pg, r)
 }

@@ -1919,6 +1919,27 @@ pub fn wait_gone_for(c: &mut redis::Connection, key: &str, what: &str) {
     });
 }
 
+/// Wait until the replication source streams, has caught up and no gap
+/// flush runs: entries are trusted.
+#[track_caller]
+pub fn wait_replication_streaming(r: &RedisServer) -> Value {
+    let mut c = r.con();
+    let mut out = Value::Null;
+    wait_until("replication streaming and entries trusted", || {
+        let s = stats(&mut c);
+        if stat_str(&s, "replication") == "streaming"
+            && stat_of(&s, "entries_trusted") == 1
+            && stat_of(&s, "gap_flush_running") == 0
+        {
+            out = s;
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    out
+}
+
 /// Wait until STATS says the listener is connected and no gap flush runs:
 /// from then on, every committed change is either notified or flushed.
 #[track_caller]

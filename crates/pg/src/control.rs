@@ -57,26 +57,19 @@ impl Control {
 
     /// `pg_current_snapshot()` as text (`xmin:xmax:xip,...`).
     pub async fn snapshot(&self) -> Result<String, PgError> {
-        let q = self
-            .client
-            .query_one("SELECT pg_current_snapshot()::text", &[]);
-        match tokio::time::timeout(self.timeout, q).await {
-            Ok(Ok(row)) => row
-                .try_get::<_, String>(0)
-                .map_err(|e| PgError::Unavailable(describe(&e))),
-            Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
-            Err(_) => Err(PgError::Timeout(self.timeout.as_millis() as u64)),
-        }
+        self.text("SELECT pg_current_snapshot()::text").await
     }
 
     /// `pg_current_wal_insert_lsn()`: past every commit visible now, those
     /// under `synchronous_commit = off` not yet flushed (and so not yet
     /// streamed) included.
     pub async fn wal_insert_lsn(&self) -> Result<String, PgError> {
-        let q = self
-            .client
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[]);
-        match tokio::time::timeout(self.timeout, q).await {
+        self.text("SELECT pg_current_wal_insert_lsn()::text").await
+    }
+
+    /// The one text value `sql` answers, under the query timeout.
+    async fn text(&self, sql: &str) -> Result<String, PgError> {
+        match tokio::time::timeout(self.timeout, self.client.query_one(sql, &[])).await {
             Ok(Ok(row)) => row
                 .try_get::<_, String>(0)
                 .map_err(|e| PgError::Unavailable(describe(&e))),
