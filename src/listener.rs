@@ -131,12 +131,7 @@ async fn handle_events(mut queue: EventQueue, session: u64) {
                 let error = reason.clone();
                 let _ = gil::run(move |_| {
                     if current(session) {
-                        entries::set_listener(entries::LISTENER_DISCONNECTED);
-                        entries::set_listener_error(&error);
-                        entries::listener_lost();
-                        if was == entries::LISTENER_CONNECTED {
-                            stats::inc(&STATS.listener_reconnects);
-                        }
+                        entries::source_lost(was, &error);
                     }
                 })
                 .await;

@@ -147,12 +147,7 @@ async fn run(session: u64) {
         let reason = outcome.reason.clone();
         let _ = gil::run(move |_| {
             if current(session) {
-                entries::set_listener(entries::LISTENER_DISCONNECTED);
-                entries::set_listener_error(&reason);
-                entries::listener_lost();
-                if was == entries::LISTENER_CONNECTED {
-                    stats::inc(&STATS.listener_reconnects);
-                }
+                entries::source_lost(was, &reason);
             }
         })
         .await;

@@ -456,6 +456,19 @@ pub fn replication_caught_up() -> bool {
     done
 }
 
+/// The invalidation source's connection is gone (`was`: its state
+/// before): state, error, trust transition and the reconnect count move in
+/// the caller's one hold of Redis's lock, so STATS and INFO show them
+/// together.
+pub fn source_lost(was: u8, reason: &str) {
+    set_listener(LISTENER_DISCONNECTED);
+    set_listener_error(reason);
+    listener_lost();
+    if was == LISTENER_CONNECTED {
+        stats::inc(&STATS.listener_reconnects);
+    }
+}
+
 pub fn listener_lost() {
     transition(|t| t.listener_lost());
 }
