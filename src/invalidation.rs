@@ -44,7 +44,7 @@ pub fn loading_started() {
 }
 
 pub fn loading_ended(ctx: &redis_module::Context) {
-    entries::mark_loaded_dbs(ctx);
+    entries::mark_dbs_holding_keys(ctx);
     let flush = entries::loading_ended();
     if replication_source() {
         replication::start();

@@ -241,7 +241,7 @@ fn guarded(what: &str, f: impl FnOnce()) {
 /// starts its listener (and drops what it holds, as after any gap). A node
 /// demoted stops deleting at once (`entries::may_delete`).
 unsafe extern "C" fn role_changed(
-    _ctx: *mut raw::RedisModuleCtx,
+    ctx: *mut raw::RedisModuleCtx,
     _eid: raw::RedisModuleEvent,
     subevent: u64,
     _data: *mut std::ffi::c_void,
@@ -253,6 +253,9 @@ unsafe extern "C" fn role_changed(
         }
         entries::set_replica(replica);
         if !replica {
+            // Its entries came by replication: nothing here marked their
+            // databases, and a resumed source deletes only in marked ones.
+            entries::mark_dbs_holding_keys(&Context::new(ctx));
             invalidation::start();
         }
     });

@@ -7,55 +7,10 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
 use std::time::Duration;
 
-/// A PostgreSQL with `wal_level = logical` and the standard schema's
-/// tables in publication `pgcache`; no trigger anywhere.
-fn replication_pg() -> PgServer {
-    let mut pg = PgServer::start_new();
-    pg.enable_logical_replication();
-    pg.execute(&pgcache_sql());
-    for t in ["users", "products", "uuid_items", "text_items", "app.users"] {
-        pg.execute(&format!("SELECT pgcache_publish('{t}')"));
-    }
-    pg
-}
-
-fn replication_args(pg: &PgServer, extra: &[&str]) -> Vec<String> {
-    let mut args = pg.module_args();
-    args.extend(["invalidation_source", "replication"].map(String::from));
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
 fn start_redis(pg: &PgServer, extra: &[&str]) -> RedisServer {
-    RedisServer::start(&replication_args(pg, extra))
-}
-
-/// Waits until the source streams, caught up, and entries are trusted.
-#[track_caller]
-fn wait_streaming(r: &RedisServer) -> Value {
-    wait_replication_streaming(r)
-}
-
-/// Waits until the progress marker is in Redis (written within about a
-/// second of streaming, once no gap flush runs): from then on a restart or
-/// reconnect resumes instead of flushing.
-#[track_caller]
-fn wait_marker(r: &RedisServer) -> Value {
-    let mut c = r.con();
-    let mut out = Value::Null;
-    wait_until("the progress marker is written", || {
-        match get(&mut c, "pg_cache:__replication") {
-            Some(m) => {
-                out = json(&m);
-                Ok(())
-            }
-            None => Err("no marker".into()),
-        }
-    });
-    out
+    RedisServer::start(&replication_module_args(pg, extra))
 }
 
 fn name_of(c: &mut redis::Connection, id: i64) -> Option<String> {
@@ -70,7 +25,7 @@ fn insert_update_delete_invalidate_without_triggers() {
     let triggers = pg.query_text("SELECT count(*)::text FROM pg_trigger WHERE NOT tgisinternal");
     assert_eq!(triggers.as_deref(), Some("0"), "no trigger on any table");
     let r = start_redis(&pg, &[]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     let mut c = r.con();
     // UPDATE
     assert!(name_of(&mut c, 1).is_some());
@@ -116,7 +71,7 @@ fn assert_hit(c: &mut redis::Connection, id: i64, what: &str) {
 fn key_changes_truncate_and_key_types() {
     let pg = replication_pg();
     let r = start_redis(&pg, &[]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     let mut c = r.con();
     // A key-changing UPDATE drops the old and the new key (a negative
     // entry of the new one included).
@@ -185,12 +140,12 @@ fn key_changes_truncate_and_key_types() {
 fn a_killed_stream_resumes_without_a_flush() {
     let pg = replication_pg();
     let r = start_redis(&pg, &[]);
-    let before = wait_streaming(&r);
+    let before = wait_replication_streaming(&r);
     let mut c = r.con();
     for id in [1, 2] {
         let _ = name_of(&mut c, id);
     }
-    wait_marker(&r);
+    wait_replication_marker(&r);
     let pid = walsender_pid(&pg).expect("the module's walsender");
     pg.execute(&format!("SELECT pg_terminate_backend({pid})"));
     pg.execute("UPDATE users SET name = 'while away' WHERE id = 1");
@@ -220,21 +175,21 @@ fn a_killed_stream_resumes_without_a_flush() {
 fn a_redis_restart_from_rdb_replays_what_changed_meanwhile() {
     let pg = replication_pg();
     let mut r = start_redis(&pg, &[]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     {
         let mut c = r.con();
         for id in [1, 2] {
             let _ = name_of(&mut c, id);
         }
     }
-    let marker = wait_marker(&r);
+    let marker = wait_replication_marker(&r);
     assert_eq!(marker["slot"], "pgcache", "{marker}");
     assert_eq!(marker["v"], 1, "{marker}");
     let _: () = redis::cmd("SAVE").query(&mut r.con()).unwrap();
     r.restart_after(|| {
         pg.execute("UPDATE users SET name = 'while redis was down' WHERE id = 1");
     });
-    let s = wait_streaming(&r);
+    let s = wait_replication_streaming(&r);
     assert_eq!(stat_of(&s, "replication_resumes"), 1, "{s}");
     assert_eq!(stat_of(&s, "replication_gap_flushes"), 0, "{s}");
     let mut c = r.con();
@@ -253,12 +208,12 @@ fn a_redis_restart_from_rdb_replays_what_changed_meanwhile() {
 fn a_dropped_slot_falls_back_to_the_gap_rule() {
     let pg = replication_pg();
     let mut r = start_redis(&pg, &[]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     {
         let mut c = r.con();
         let _ = name_of(&mut c, 2);
     }
-    wait_marker(&r);
+    wait_replication_marker(&r);
     let _: () = redis::cmd("SAVE").query(&mut r.con()).unwrap();
     r.restart_after(|| {
         wait_until("the slot is released", || {
@@ -271,7 +226,7 @@ fn a_dropped_slot_falls_back_to_the_gap_rule() {
         });
         pg.execute("SELECT pg_drop_replication_slot('pgcache')");
     });
-    let s = wait_streaming(&r);
+    let s = wait_replication_streaming(&r);
     assert_eq!(stat_of(&s, "replication_gap_flushes"), 1, "{s}");
     assert_eq!(stat_str(&s, "replication_last_gap_reason"), "slot_missing");
     let mut c = r.con();
@@ -289,7 +244,7 @@ fn a_dropped_slot_falls_back_to_the_gap_rule() {
 fn a_change_is_applied_only_once_visible() {
     let pg = replication_pg();
     let r = start_redis(&pg, &[]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     let mut c = r.con();
     let old = name_of(&mut c, 1).unwrap();
     pg.execute("ALTER SYSTEM SET synchronous_standby_names = 'nosuch_standby'");
@@ -345,7 +300,7 @@ fn a_large_transaction_flushes_its_table_past_the_key_limit() {
     let pg = replication_pg();
     pg.execute("INSERT INTO text_items SELECT 'bulk' || g, 'x' FROM generate_series(1, 3000) g");
     let r = start_redis(&pg, &["replication_txn_key_limit", "1000"]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     let mut c = r.con();
     read_row(&mut c, "text_items", r#"{"code":"bulk1"}"#);
     read_row(&mut c, "users", r#"{"id":2}"#);
@@ -375,12 +330,12 @@ fn a_large_transaction_flushes_its_table_past_the_key_limit() {
 fn a_postgresql_restart_resumes_without_a_flush() {
     let mut pg = replication_pg();
     let r = start_redis(&pg, &[]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     let mut c = r.con();
     for id in [1, 2] {
         let _ = name_of(&mut c, id);
     }
-    wait_marker(&r);
+    wait_replication_marker(&r);
     pg.stop();
     pg.start();
     pg.execute("UPDATE users SET name = 'after the restart' WHERE id = 1");
@@ -409,7 +364,7 @@ fn positions_are_confirmed_including_while_idle() {
     let pg = replication_pg();
     pg.execute("CREATE TABLE unpublished (id int PRIMARY KEY, v text)");
     let r = start_redis(&pg, &["replication_ack_delay_ms", "0"]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     pg.execute("INSERT INTO unpublished SELECT g, 'x' FROM generate_series(1, 1000) g");
     let target = pg.query_text("SELECT pg_current_wal_lsn()::text").unwrap();
     wait_until(
@@ -437,12 +392,12 @@ fn positions_are_confirmed_including_while_idle() {
 fn a_lost_slot_is_recreated_with_a_gap_flush() {
     let pg = replication_pg();
     let mut r = start_redis(&pg, &[]);
-    wait_streaming(&r);
+    wait_replication_streaming(&r);
     {
         let mut c = r.con();
         let _ = name_of(&mut c, 2);
     }
-    wait_marker(&r);
+    wait_replication_marker(&r);
     let _: () = redis::cmd("SAVE").query(&mut r.con()).unwrap();
     r.restart_after(|| {
         pg.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
@@ -462,7 +417,7 @@ fn a_lost_slot_is_recreated_with_a_gap_flush() {
         pg.execute("ALTER SYSTEM RESET max_slot_wal_keep_size");
         pg.execute("SELECT pg_reload_conf()");
     });
-    let s = wait_streaming(&r);
+    let s = wait_replication_streaming(&r);
     assert_eq!(
         stat_str(&s, "replication_last_gap_reason"),
         "slot_lost",

@@ -128,9 +128,10 @@ pub fn used_dbs() -> Vec<Db> {
     dbs
 }
 
-/// After a load: every database holding keys may hold entries (the load
-/// brought them; no fill or write marked them).
-pub fn mark_loaded_dbs(ctx: &Context) {
+/// After a load or a promotion: every database holding keys may hold
+/// entries (the load, or the primary's replication stream, brought them;
+/// no fill or write here marked them).
+pub fn mark_dbs_holding_keys(ctx: &Context) {
     let selected = keys::selected_db(ctx);
     for db in 0..databases() {
         keys::select_db(ctx, db);

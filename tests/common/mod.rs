@@ -479,6 +479,15 @@ impl PgServer {
         self.start();
     }
 
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting until it
+    /// is): it goes on on a new timeline.
+    pub fn promote(&self) {
+        let mut c = pg_command(&self.bindir.join("pg_ctl"));
+        c.args(["promote", "-w", "-t", "60", "-D"])
+            .arg(self.data_dir());
+        run_checked(c, "pg_ctl promote");
+    }
+
     /// Start again on the same port and data directory (after `stop`).
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "PostgreSQL is already running");
@@ -1917,6 +1926,46 @@ pub fn wait_gone_for(c: &mut redis::Connection, key: &str, what: &str) {
             Ok(())
         }
     });
+}
+
+/// A PostgreSQL with `wal_level = logical` and the standard schema's
+/// tables in publication `pgcache` (`pgcache_publish`); no trigger anywhere.
+pub fn replication_pg() -> PgServer {
+    let mut pg = PgServer::start_new();
+    pg.enable_logical_replication();
+    pg.execute(&pgcache_sql());
+    for t in ["users", "products", "uuid_items", "text_items", "app.users"] {
+        pg.execute(&format!("SELECT pgcache_publish('{t}')"));
+    }
+    pg
+}
+
+/// `pg`'s module arguments with `invalidation_source replication`, then
+/// `extra`.
+pub fn replication_module_args(pg: &PgServer, extra: &[&str]) -> Vec<String> {
+    let mut args = pg.module_args();
+    args.extend(["invalidation_source", "replication"].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Waits until the progress marker is in Redis (written within about a
+/// second of streaming, once no gap flush runs): from then on a restart or
+/// reconnect resumes instead of flushing. The marker, parsed.
+#[track_caller]
+pub fn wait_replication_marker(r: &RedisServer) -> Value {
+    let mut c = r.con();
+    let mut out = Value::Null;
+    wait_until("the progress marker is written", || {
+        match get(&mut c, "pg_cache:__replication") {
+            Some(m) => {
+                out = json(&m);
+                Ok(())
+            }
+            None => Err("no marker".into()),
+        }
+    });
+    out
 }
 
 /// Wait until the replication source streams, has caught up and no gap
