@@ -28,6 +28,10 @@ fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
         ("stale_fills_discarded", n(&STATS.stale_fills_discarded)),
         ("fill_errors", n(&STATS.fill_errors)),
         ("fills_uncached_gap", n(&STATS.fills_uncached_gap)),
+        (
+            "fills_uncached_unpublished",
+            n(&STATS.fills_uncached_unpublished),
+        ),
         ("fills_uncached_oom", n(&STATS.fills_uncached_oom)),
         ("fills_uncached_paused", n(&STATS.fills_uncached_paused)),
         ("fills_reaped", n(&STATS.fills_reaped)),
@@ -80,6 +84,10 @@ fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
         ),
         ("replication_resumes", n(&STATS.replication_resumes)),
         ("replication_gap_flushes", n(&STATS.replication_gap_flushes)),
+        (
+            "replication_published_tables",
+            entries::coverage::covered_count().map_or(0, |n| n as i64),
+        ),
         ("cluster_enabled", i64::from(cluster::enabled())),
         ("cluster_uncached_fills", n(&STATS.cluster_uncached_fills)),
         ("cluster_writes_uncached", n(&STATS.cluster_writes_uncached)),

@@ -24,6 +24,8 @@ pub fn start() {
         replication::start();
     } else {
         replication::stop();
+        replication::forget_marker();
+        entries::coverage::cover_all();
         listener::start();
     }
 }

@@ -42,7 +42,7 @@ use pgcache_pg::control::Control;
 use pgcache_pg::listener::Resolver;
 use pgcache_pg::replication::{ReplicationConnection, StreamReader, StreamWriter};
 use redis_module::Context;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,6 +70,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Status updates go out this often (the walsender drops a client silent
 /// for `wal_sender_timeout`), each asking for a keepalive back.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// The publications' tables are read again this often: a table that left
+/// them is flushed (pgoutput says nothing of it) and no longer cached.
+const COVERAGE_INTERVAL: Duration = Duration::from_secs(10);
 /// Idle progress (keepalives) is written to the marker at most this often.
 const IDLE_MARKER_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -91,6 +94,29 @@ pub fn start() {
     set_state(stats::REPLICATION_CONNECTING);
     let handle = runtime::spawn_abortable(run(session));
     *TASK.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+}
+
+/// Another source starts: the marker is deleted, since entries cached from
+/// now on are not covered by the stream's progress (a table outside the
+/// publications may be cached), so a later replication source starts with
+/// a gap flush rather than resuming from it.
+pub fn forget_marker() {
+    let key = marker_key(&settings::current());
+    runtime::spawn("forgetting the replication marker", async move {
+        let _ = gil::run(move |ctx| {
+            if entries::is_replica() {
+                return;
+            }
+            let selected = keys::selected_db(ctx);
+            keys::select_db(ctx, 0);
+            let name = redis_string(Some(ctx), key.as_bytes());
+            if keys::delete_string(ctx, &name) {
+                keys::replicate_del(ctx, &[&name]);
+            }
+            keys::select_db(ctx, selected);
+        })
+        .await;
+    });
 }
 
 pub fn stop() {
@@ -280,6 +306,17 @@ async fn stream(session: u64) -> Result<(), Ended> {
         None => None,
     };
     let decided = plan(marker.as_ref(), &server, &slot_name, slot.as_ref());
+    let published = published(&control, &settings, false).await?;
+    let tables: Arc<[String]> = published.iter().cloned().collect();
+    let mut uncovered = cover(published, false).await?;
+    if let (Plan::Resume { .. }, Some(m)) = (&decided, &marker) {
+        // Left the publications while this source was away (a restart).
+        for t in m.tables.iter() {
+            if !tables.contains(t) && !uncovered.contains(t) {
+                uncovered.push(t.clone());
+            }
+        }
+    }
     let start = match &decided {
         Plan::Resume { from } => *from,
         Plan::Gap {
@@ -384,6 +421,7 @@ async fn stream(session: u64) -> Result<(), Ended> {
             }
         }
     }
+    flush_uncovered(uncovered).await?;
     REPLICATION.applied_lsn.store(start, Ordering::Relaxed);
     REPLICATION
         .server_lsn
@@ -397,8 +435,10 @@ async fn stream(session: u64) -> Result<(), Ended> {
             database: server.database.clone(),
             slot: slot_name,
             lsn: start,
+            tables,
         },
         persisted: if resumed { start } else { 0 },
+        persisted_tables: marker.map_or_else(|| Arc::from(Vec::new()), |m| m.tables),
         marker_key,
         control,
         resolver,
@@ -409,6 +449,7 @@ async fn stream(session: u64) -> Result<(), Ended> {
         acked: 0,
         last_status: Instant::now(),
         last_idle_marker: Instant::now(),
+        last_coverage: Instant::now(),
     };
     set_state(if resumed {
         stats::REPLICATION_CATCHING_UP
@@ -419,6 +460,53 @@ async fn stream(session: u64) -> Result<(), Ended> {
     applier.check_caught_up(start).await;
     let (reader, writer) = stream.split();
     applier.stream(reader, writer).await
+}
+
+/// The tables (key names) the publications stream every change of.
+async fn published(
+    control: &Control,
+    settings: &Settings,
+    streamed: bool,
+) -> Result<BTreeSet<String>, Ended> {
+    let tables = control
+        .published_tables(&settings.replication_publication)
+        .await
+        .map_err(|e| {
+            ended(
+                streamed,
+                format!("cannot read the publications' tables: {e}"),
+            )
+        })?;
+    Ok(tables
+        .iter()
+        .map(|(schema, name)| key_name(schema, name))
+        .collect())
+}
+
+/// Makes `tables` the covered ones (`entries::coverage`); those covered
+/// before and not now.
+async fn cover(tables: BTreeSet<String>, streamed: bool) -> Result<Vec<String>, Ended> {
+    gil::run(move |_| entries::coverage::cover_only(tables.into_iter().collect()))
+        .await
+        .map_err(|_| ended(streamed, "internal error"))
+}
+
+/// Flushes the tables that left the publications: their changes are no
+/// longer streamed.
+async fn flush_uncovered(tables: Vec<String>) -> Result<(), Ended> {
+    for name in tables {
+        log::notice(&format!(
+            "pgcache: {name} is no longer in replication_publication; its entries are dropped and its rows no longer cached"
+        ));
+        stats::inc(&STATS.replication_tables_flushed);
+        flush::table(
+            Target::Named(name),
+            Some((Source::Replication, Some("UNPUBLISH"))),
+        )
+        .await
+        .map_err(|e| ended(true, format!("a table flush failed: {e}")))?;
+    }
+    Ok(())
 }
 
 async fn check_publications(
@@ -513,6 +601,7 @@ struct Applier {
     marker: Marker,
     /// What the marker in Redis says (0: not written in this session).
     persisted: Lsn,
+    persisted_tables: Arc<[String]>,
     marker_key: String,
     control: Control,
     resolver: Resolver,
@@ -527,6 +616,7 @@ struct Applier {
     acked: Lsn,
     last_status: Instant,
     last_idle_marker: Instant,
+    last_coverage: Instant,
 }
 
 /// The transaction being decoded.
@@ -584,6 +674,10 @@ impl Applier {
                         self.apply(batch, &mut writer).await?;
                     } else if open.is_none() {
                         self.persist().await?;
+                    }
+                    if self.last_coverage.elapsed() >= COVERAGE_INTERVAL {
+                        self.last_coverage = Instant::now();
+                        self.refresh_coverage().await?;
                     }
                     self.send_status(&mut writer, false).await?;
                     continue;
@@ -873,7 +967,10 @@ impl Applier {
             .unwrap_or(None);
             match applied {
                 None => return Err(ended(true, "stopped")),
-                Some(true) => self.persisted = marker.lsn,
+                Some(true) => {
+                    self.persisted = marker.lsn;
+                    self.persisted_tables = marker.tables.clone();
+                }
                 Some(false) => {}
             }
         }
@@ -896,9 +993,22 @@ impl Applier {
         Ok(())
     }
 
+    /// Reads the publications' tables again. A newly covered table is in
+    /// the marker before its rows are cached; one that left is flushed.
+    async fn refresh_coverage(&mut self) -> Result<(), Ended> {
+        let set = published(&self.control, &self.settings, true).await?;
+        let sorted: Arc<[String]> = set.iter().cloned().collect();
+        if sorted == self.marker.tables {
+            return Ok(());
+        }
+        self.marker.tables = sorted;
+        self.persist().await?;
+        flush_uncovered(cover(set, true).await?).await
+    }
+
     /// Writes the marker if it moved (and no gap flush runs).
     async fn persist(&mut self) -> Result<(), Ended> {
-        if self.marker.lsn <= self.persisted {
+        if self.marker.lsn <= self.persisted && self.marker.tables == self.persisted_tables {
             return Ok(());
         }
         gil::writes_welcome().await;
@@ -917,6 +1027,7 @@ impl Applier {
             None => Err(ended(true, "stopped")),
             Some(true) => {
                 self.persisted = self.marker.lsn;
+                self.persisted_tables = self.marker.tables.clone();
                 Ok(())
             }
             Some(false) => Ok(()),

@@ -18,6 +18,7 @@ pub struct Stats {
     /// Fills answered without caching because entries were not trusted
     /// (no listener connection, or the gap's fresh set was full).
     pub fills_uncached_gap: AtomicU64,
+    pub fills_uncached_unpublished: AtomicU64,
     /// Fills answered without caching because Redis was over maxmemory.
     pub fills_uncached_oom: AtomicU64,
     /// Blocked clients answered by their safety-net timeout.

@@ -171,6 +171,12 @@ fn a_killed_stream_resumes_without_a_flush() {
     );
 }
 
+const PRODUCT: &str = r#"{"category":"electronics","product_id":1}"#;
+
+fn product_key() -> String {
+    format!("pg_cache:products:{PRODUCT}")
+}
+
 #[test]
 fn a_redis_restart_from_rdb_replays_what_changed_meanwhile() {
     let pg = replication_pg();
@@ -181,18 +187,41 @@ fn a_redis_restart_from_rdb_replays_what_changed_meanwhile() {
         for id in [1, 2] {
             let _ = name_of(&mut c, id);
         }
+        read(&mut c, "products", PRODUCT).unwrap().unwrap();
+        assert!(exists(&mut c, &product_key()));
     }
     let marker = wait_replication_marker(&r);
     assert_eq!(marker["slot"], "pgcache", "{marker}");
-    assert_eq!(marker["v"], 1, "{marker}");
+    assert_eq!(marker["v"], 2, "{marker}");
+    let tables: Vec<&str> = marker["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert_eq!(
+        tables,
+        ["app.users", "products", "text_items", "users", "uuid_items"],
+        "the published tables, sorted: {marker}"
+    );
     let _: () = redis::cmd("SAVE").query(&mut r.con()).unwrap();
     r.restart_after(|| {
         pg.execute("UPDATE users SET name = 'while redis was down' WHERE id = 1");
+        // Its changes are no longer streamed: the marker's table list
+        // tells the restarted module to flush it.
+        pg.execute("SELECT pgcache_unpublish('products')");
     });
     let s = wait_replication_streaming(&r);
     assert_eq!(stat_of(&s, "replication_resumes"), 1, "{s}");
     assert_eq!(stat_of(&s, "replication_gap_flushes"), 0, "{s}");
     let mut c = r.con();
+    assert!(
+        !exists(&mut c, &product_key()),
+        "an entry of a table unpublished while Redis was down"
+    );
+    assert!(r
+        .log()
+        .contains("products is no longer in replication_publication"));
     assert_hit(&mut c, 2, "an unchanged entry after the restart");
     let fresh = name_of(&mut c, 1);
     assert_eq!(
@@ -438,4 +467,99 @@ fn a_lost_slot_is_recreated_with_a_gap_flush() {
     let _ = name_of(&mut c, 3);
     pg.execute("UPDATE users SET name = 'streams again' WHERE id = 3");
     wait_gone(&mut c, &user_key(3));
+}
+
+/// pgoutput says nothing of a table outside the publication, so its rows
+/// are answered but never cached (a warning names it and the fix). Once
+/// published it is cached; once unpublished again, its entries are dropped
+/// and it is no longer cached.
+#[test]
+fn tables_outside_the_publication_are_answered_but_not_cached() {
+    let pg = replication_pg();
+    pg.execute(
+        "CREATE TABLE extra (id int PRIMARY KEY, v text); \
+         INSERT INTO extra VALUES (1, 'one'), (2, 'two')",
+    );
+    let r = start_redis(&pg, &["negative_ttl", "60"]);
+    wait_replication_streaming(&r);
+    let mut c = r.con();
+    let key = |id: i64| format!(r#"pg_cache:extra:{{"id":{id}}}"#);
+    let row = read(&mut c, "extra", r#"{"id":1}"#).unwrap();
+    assert_eq!(json(row.as_deref().unwrap())["v"], "one");
+    assert!(
+        !exists(&mut c, &key(1)),
+        "cached, but no change would drop it"
+    );
+    assert_eq!(read(&mut c, "extra", r#"{"id":9}"#).unwrap(), None);
+    assert!(!exists(&mut c, &key(9)), "a negative entry neither");
+    assert_eq!(stat_of(&stats(&mut c), "fills_uncached_unpublished"), 2);
+    assert_eq!(
+        r.log().matches("rows of extra are not cached").count(),
+        1,
+        "one warning per table:\n{}",
+        tail(&r.log(), 10)
+    );
+    assert!(r.log().contains("SELECT pgcache_publish('extra')"));
+    // A published table alongside is cached as ever.
+    name_of(&mut c, 1);
+    assert!(exists(&mut c, &user_key(1)));
+
+    pg.execute("SELECT pgcache_publish('extra')");
+    wait_until("extra is cached once published", || {
+        read(&mut c, "extra", r#"{"id":1}"#).unwrap();
+        if exists(&mut c, &key(1)) {
+            Ok(())
+        } else {
+            Err(stats(&mut c).to_string())
+        }
+    });
+    pg.execute("UPDATE extra SET v = 'streamed' WHERE id = 1");
+    wait_gone(&mut c, &key(1));
+
+    read(&mut c, "extra", r#"{"id":2}"#).unwrap();
+    assert!(exists(&mut c, &key(2)));
+    pg.execute("SELECT pgcache_unpublish('extra')");
+    wait_gone_for(
+        &mut c,
+        &key(2),
+        "entries of a table that left the publication are dropped",
+    );
+    assert!(r
+        .log()
+        .contains("extra is no longer in replication_publication"));
+    read(&mut c, "extra", r#"{"id":2}"#).unwrap();
+    assert!(!exists(&mut c, &key(2)), "and it is no longer cached");
+    assert!(exists(&mut c, &user_key(1)), "other tables keep theirs");
+}
+
+/// What `notify` caches is not covered by the slot's progress (a table
+/// outside the publication may be cached), so starting it deletes the
+/// marker, and switching back to `replication` is a gap, not a resume.
+#[test]
+fn switching_to_another_source_forgets_the_marker() {
+    let pg = replication_pg();
+    let r = start_redis(&pg, &[]);
+    wait_replication_streaming(&r);
+    wait_replication_marker(&r);
+    let mut c = r.con();
+    config_set(&mut c, "pgcache.invalidation_source", "notify").unwrap();
+    wait_until("the marker is deleted", || {
+        match get(&mut c, "pg_cache:__replication") {
+            None => Ok(()),
+            Some(m) => Err(m),
+        }
+    });
+    let before = stats(&mut c);
+    config_set(&mut c, "pgcache.invalidation_source", "replication").unwrap();
+    let s = wait_replication_streaming(&r);
+    assert_eq!(
+        stat_of(&s, "replication_gap_flushes"),
+        stat_of(&before, "replication_gap_flushes") + 1,
+        "{s}"
+    );
+    assert_eq!(stat_str(&s, "replication_last_gap_reason"), "no_marker");
+    assert_eq!(
+        stat_of(&s, "replication_resumes"),
+        stat_of(&before, "replication_resumes")
+    );
 }

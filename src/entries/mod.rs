@@ -6,6 +6,7 @@
 //! Everything here runs under Redis's lock (a command handler, a reply
 //! callback, or the lock thread), except the lock-free reads noted.
 
+pub mod coverage;
 mod inflight;
 pub mod migrated;
 mod trust;
@@ -164,7 +165,7 @@ pub fn databases_swapped(a: Db, b: Db) {
 // fills
 
 /// A fill to end: its key, database and id, and how long to cache it.
-pub struct FillTarget {
+pub struct FillTarget<'a> {
     pub db: Db,
     pub key: String,
     pub id: FillId,
@@ -172,6 +173,10 @@ pub struct FillTarget {
     pub negative_ttl: u64,
     /// When the fill started (the debug log says how long it took).
     pub started: std::time::Instant,
+    /// `FillPlan::covered`.
+    pub covered: Option<u64>,
+    /// The table's key name.
+    pub table: &'a str,
 }
 
 /// Joins the fill in flight for `key` in `db`, or starts one (the caller
@@ -263,6 +268,16 @@ fn store_fill(ctx: &Context, fill: &FillTarget, value: &[u8], ttl: u64) {
             return;
         }
         Store::Replica => return,
+    }
+    if !fill.covered.is_some_and(coverage::unchanged_since) {
+        stats::inc(&STATS.fills_uncached_unpublished);
+        if coverage::first_warning(fill.table) {
+            crate::log::warning(&format!(
+                "pgcache: rows of {} are not cached: it is not in replication_publication, so its changes would not be heard (SELECT pgcache_publish('{}'))",
+                fill.table, fill.table
+            ));
+        }
+        return;
     }
     if gil::replica_traffic_unwelcome() {
         stats::inc(&STATS.fills_uncached_paused);

@@ -28,6 +28,9 @@ pub struct FillPlan {
     pub negative_ttl: u64,
     /// When the fill started, for the debug log's time taken.
     pub started: std::time::Instant,
+    /// The coverage epoch the table was covered in at the start (`None`:
+    /// not covered, not to be cached).
+    pub covered: Option<u64>,
 }
 
 impl FillPlan {
@@ -45,6 +48,7 @@ impl FillPlan {
             ttl: ttl.unwrap_or(settings.default_ttl),
             negative_ttl: settings.negative_ttl,
             started: std::time::Instant::now(),
+            covered: entries::coverage::covered_at_start(&table.key_name),
         }
     }
 }
@@ -104,6 +108,8 @@ impl Completion {
                     ttl: piece.plan.ttl,
                     negative_ttl: piece.plan.negative_ttl,
                     started: piece.plan.started,
+                    covered: piece.plan.covered,
+                    table: &piece.plan.table.key_name,
                 };
                 let _ = catch_unwind(AssertUnwindSafe(|| {
                     for waiter in entries::complete_fill(ctx, &target, &outcome) {

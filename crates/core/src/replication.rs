@@ -80,9 +80,14 @@ pub struct Marker {
     pub database: String,
     pub slot: String,
     pub lsn: Lsn,
+    /// The tables (key names, sorted) the publications covered: a table
+    /// missing from them at the next connection left the publications
+    /// meanwhile, its changes unstreamed, so its entries are flushed.
+    pub tables: std::sync::Arc<[String]>,
 }
 
-const MARKER_VERSION: u64 = 1;
+/// 2: with `tables`.
+const MARKER_VERSION: u64 = 2;
 
 impl Marker {
     pub fn encode(&self) -> String {
@@ -93,6 +98,7 @@ impl Marker {
             "database": self.database,
             "slot": self.slot,
             "lsn": format_lsn(self.lsn),
+            "tables": &*self.tables,
         })
         .to_string()
     }
@@ -114,12 +120,21 @@ impl Marker {
             .and_then(|t| u32::try_from(t).ok())
             .ok_or("'timeline' is not a timeline")?;
         let lsn = parse_lsn(&string("lsn")?).ok_or("'lsn' is not a WAL position")?;
+        let tables = field("tables")?
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|t| t.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<String>>>()
+            })
+            .ok_or("'tables' is not a list of names")?;
         Ok(Marker {
             system_id: string("system_id")?,
             timeline,
             database: string("database")?,
             slot: string("slot")?,
             lsn,
+            tables: tables.into(),
         })
     }
 }
@@ -561,6 +576,7 @@ mod tests {
             database: "app".into(),
             slot: "pgcache".into(),
             lsn,
+            tables: vec!["app.accounts".to_owned(), "users".to_owned()].into(),
         }
     }
 
@@ -569,12 +585,16 @@ mod tests {
         let m = marker(0x1_0000_0010);
         assert_eq!(Marker::decode(m.encode().as_bytes()).unwrap(), m);
         assert!(m.encode().contains("\"lsn\":\"1/10\""));
+        assert!(m.encode().contains(r#""tables":["app.accounts","users"]"#));
         for bad in [
             "",
             "{}",
+            r#"{"v":1,"system_id":"1","timeline":1,"database":"d","slot":"s","lsn":"0/1"}"#,
+            r#"{"v":3,"system_id":"1","timeline":1,"database":"d","slot":"s","lsn":"0/1","tables":[]}"#,
+            r#"{"v":2,"system_id":"1","timeline":-1,"database":"d","slot":"s","lsn":"0/1","tables":[]}"#,
+            r#"{"v":2,"system_id":"1","timeline":1,"database":"d","slot":"s","lsn":"zz","tables":[]}"#,
             r#"{"v":2,"system_id":"1","timeline":1,"database":"d","slot":"s","lsn":"0/1"}"#,
-            r#"{"v":1,"system_id":"1","timeline":-1,"database":"d","slot":"s","lsn":"0/1"}"#,
-            r#"{"v":1,"system_id":"1","timeline":1,"database":"d","slot":"s","lsn":"zz"}"#,
+            r#"{"v":2,"system_id":"1","timeline":1,"database":"d","slot":"s","lsn":"0/1","tables":[1]}"#,
         ] {
             assert!(Marker::decode(bad.as_bytes()).is_err(), "{bad}");
         }

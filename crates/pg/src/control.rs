@@ -67,6 +67,32 @@ impl Control {
         self.text("SELECT pg_current_wal_insert_lsn()::text").await
     }
 
+    /// The tables (schema, name) whose every change one of `publications`
+    /// streams: all four operations published and no row filter (PostgreSQL
+    /// 15; `to_jsonb` reads the column where the server has it). A
+    /// partitioned table published via its root is listed as the root.
+    pub async fn published_tables(
+        &self,
+        publications: &[String],
+    ) -> Result<Vec<(String, String)>, PgError> {
+        const SQL: &str = "SELECT DISTINCT t.schemaname::text, t.tablename::text \
+             FROM pg_catalog.pg_publication_tables t \
+             JOIN pg_catalog.pg_publication p ON p.pubname = t.pubname \
+             WHERE t.pubname::text = ANY($1) \
+             AND p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate \
+             AND to_jsonb(t) ->> 'rowfilter' IS NULL";
+        let names: Vec<&str> = publications.iter().map(String::as_str).collect();
+        match tokio::time::timeout(self.timeout, self.client.query(SQL, &[&names])).await {
+            Ok(Ok(rows)) => rows
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, tokio_postgres::Error>>()
+                .map_err(|e| PgError::Unavailable(describe(&e))),
+            Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
+            Err(_) => Err(PgError::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
     /// The one text value `sql` answers, under the query timeout.
     async fn text(&self, sql: &str) -> Result<String, PgError> {
         match tokio::time::timeout(self.timeout, self.client.query_one(sql, &[])).await {
