@@ -85,6 +85,10 @@ fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
         ("replication_resumes", n(&STATS.replication_resumes)),
         ("replication_gap_flushes", n(&STATS.replication_gap_flushes)),
         (
+            "replication_slot_safe_wal_size",
+            REPLICATION.slot_safe_wal_size.load(Ordering::Relaxed),
+        ),
+        (
             "replication_published_tables",
             entries::coverage::covered_count().map_or(0, |n| n as i64),
         ),
@@ -140,6 +144,14 @@ fn texts(for_crash_report: bool) -> Vec<(&'static str, String)> {
             s.invalidation_source.as_str().to_owned(),
         ));
         out.push(("replication_slot", s.replication_slot.clone()));
+        out.push((
+            "replication_slot_wal_status",
+            REPLICATION
+                .slot_wal_status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        ));
         out.push((
             "replication_last_gap_reason",
             REPLICATION

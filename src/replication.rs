@@ -73,6 +73,8 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The publications' tables are read again this often: a table that left
 /// them is flushed (pgoutput says nothing of it) and no longer cached.
 const COVERAGE_INTERVAL: Duration = Duration::from_secs(10);
+/// The slot's `wal_status` and `safe_wal_size` are read this often.
+const SLOT_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 /// Idle progress (keepalives) is written to the marker at most this often.
 const IDLE_MARKER_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -450,6 +452,7 @@ async fn stream(session: u64) -> Result<(), Ended> {
         last_status: Instant::now(),
         last_idle_marker: Instant::now(),
         last_coverage: Instant::now(),
+        last_slot_health: Instant::now(),
     };
     set_state(if resumed {
         stats::REPLICATION_CATCHING_UP
@@ -458,6 +461,7 @@ async fn stream(session: u64) -> Result<(), Ended> {
     });
     applier.acked_history.push_back((Instant::now(), start));
     applier.check_caught_up(start).await;
+    applier.read_slot_health().await?;
     let (reader, writer) = stream.split();
     applier.stream(reader, writer).await
 }
@@ -570,6 +574,25 @@ async fn read_slot(
     }))
 }
 
+/// Records the slot's WAL status and free WAL for INFO; warns once per
+/// change to `unreserved` or `lost`.
+fn slot_health(status: &str, safe_wal_size: Option<i64>) {
+    REPLICATION
+        .slot_safe_wal_size
+        .store(safe_wal_size.unwrap_or(-1), Ordering::Relaxed);
+    let mut was = REPLICATION
+        .slot_wal_status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if *was != status && (status == "unreserved" || status == "lost") {
+        log::warning(&format!(
+            "pgcache: replication slot WAL status is '{status}': the module is further behind than max_slot_wal_keep_size allows; PostgreSQL {} the slot, and the next connection drops everything cached",
+            if status == "lost" { "gave up" } else { "will give up" }
+        ));
+    }
+    status.clone_into(&mut was);
+}
+
 /// How a relation's changes are applied.
 enum Mapping {
     Keys(KeyMap),
@@ -617,6 +640,7 @@ struct Applier {
     last_status: Instant,
     last_idle_marker: Instant,
     last_coverage: Instant,
+    last_slot_health: Instant,
 }
 
 /// The transaction being decoded.
@@ -678,6 +702,10 @@ impl Applier {
                     if self.last_coverage.elapsed() >= COVERAGE_INTERVAL {
                         self.last_coverage = Instant::now();
                         self.refresh_coverage().await?;
+                    }
+                    if self.last_slot_health.elapsed() >= SLOT_HEALTH_INTERVAL {
+                        self.last_slot_health = Instant::now();
+                        self.read_slot_health().await?;
                     }
                     self.send_status(&mut writer, false).await?;
                     continue;
@@ -1004,6 +1032,20 @@ impl Applier {
         self.marker.tables = sorted;
         self.persist().await?;
         flush_uncovered(cover(set, true).await?).await
+    }
+
+    /// Reads the slot's WAL status for INFO; warns when PostgreSQL is about
+    /// to give the slot up (`unreserved`: past `max_slot_wal_keep_size`).
+    async fn read_slot_health(&mut self) -> Result<(), Ended> {
+        let slot = self.settings.replication_slot.clone();
+        let health = self
+            .control
+            .slot_health(&slot)
+            .await
+            .map_err(|e| ended(true, format!("cannot read the slot: {e}")))?;
+        let (status, safe) = health.unwrap_or_default();
+        slot_health(&status, safe);
+        Ok(())
     }
 
     /// Writes the marker if it moved (and no gap flush runs).

@@ -88,6 +88,10 @@ pub struct Replication {
     /// 0 when caught up.
     pub behind_since_ms: AtomicU64,
     pub last_gap_reason: std::sync::Mutex<String>,
+    /// The slot's `wal_status` as last read ('' before).
+    pub slot_wal_status: std::sync::Mutex<String>,
+    /// The slot's `safe_wal_size` in bytes; -1 when unlimited or unknown.
+    pub slot_safe_wal_size: std::sync::atomic::AtomicI64,
 }
 
 pub static REPLICATION: LazyLock<Replication> = LazyLock::new(Replication::default);

@@ -563,3 +563,45 @@ fn switching_to_another_source_forgets_the_marker() {
         stat_of(&before, "replication_resumes")
     );
 }
+
+/// INFO shows the slot's `wal_status` and `safe_wal_size` (read at connect
+/// and every 30 s): -1 while `max_slot_wal_keep_size` is unlimited, the
+/// bytes left before PostgreSQL gives the slot up once it is set.
+#[test]
+fn the_slots_wal_status_and_room_are_shown() {
+    let pg = replication_pg();
+    let r = start_redis(&pg, &[]);
+    wait_replication_streaming(&r);
+    let mut c = r.con();
+    assert_eq!(
+        info_field(&mut c, "pgcache", "pgcache_replication_slot_wal_status"),
+        "reserved"
+    );
+    assert_eq!(
+        info_field(&mut c, "pgcache", "pgcache_replication_slot_safe_wal_size"),
+        "-1",
+        "unlimited"
+    );
+    pg.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '64MB'");
+    pg.execute("SELECT pg_reload_conf()");
+    let before = stats(&mut c);
+    let pid = walsender_pid(&pg).expect("the module's walsender");
+    pg.execute(&format!("SELECT pg_terminate_backend({pid})"));
+    wait_until("resumed", || {
+        let s = stats(&mut c);
+        if stat_of(&s, "replication_resumes") > stat_of(&before, "replication_resumes")
+            && stat_str(&s, "replication") == "streaming"
+        {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let safe: i64 = info_field(&mut c, "pgcache", "pgcache_replication_slot_safe_wal_size")
+        .parse()
+        .unwrap();
+    assert!(
+        safe > 0 && safe <= 80 << 20,
+        "safe_wal_size {safe} within max_slot_wal_keep_size"
+    );
+}

@@ -93,6 +93,21 @@ impl Control {
         }
     }
 
+    /// The slot's `wal_status` and `safe_wal_size` (bytes; `None` when
+    /// `max_slot_wal_keep_size` is unlimited); `None` without the slot.
+    pub async fn slot_health(&self, slot: &str) -> Result<Option<(String, Option<i64>)>, PgError> {
+        const SQL: &str = "SELECT coalesce(wal_status, ''), safe_wal_size \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1";
+        match tokio::time::timeout(self.timeout, self.client.query_opt(SQL, &[&slot])).await {
+            Ok(Ok(row)) => row
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .transpose()
+                .map_err(|e: tokio_postgres::Error| PgError::Unavailable(describe(&e))),
+            Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
+            Err(_) => Err(PgError::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
     /// The one text value `sql` answers, under the query timeout.
     async fn text(&self, sql: &str) -> Result<String, PgError> {
         match tokio::time::timeout(self.timeout, self.client.query_one(sql, &[])).await {
