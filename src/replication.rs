@@ -783,7 +783,7 @@ impl Applier {
                 }
                 match self.relations.get(oid).map(|r| &r.mapping) {
                     Some(Mapping::Keys(map)) => match change_keys(map, &message) {
-                        Ok(keys) => txn.drops.add_keys(&map.table, keys, limit),
+                        Ok(keys) => txn.drops.add_keys(&map.table, keys, op, limit),
                         Err(why) => {
                             UNMAPPED.log(log::warning, || {
                                 format!(
@@ -1170,19 +1170,22 @@ fn apply_keys(
     ctx: &Context,
     drops: &std::collections::BTreeMap<
         String,
-        (Arc<TableSchema>, std::collections::BTreeSet<String>),
+        (
+            Arc<TableSchema>,
+            std::collections::BTreeMap<String, &'static str>,
+        ),
     >,
 ) {
     let settings = settings::current();
     let dbs = entries::used_dbs();
     for (table, pks) in drops.values() {
         let names: Vec<String> = pks
-            .iter()
+            .keys()
             .map(|pk| entries::key(&settings.cache_prefix, table, pk))
             .collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let dropped = entries::invalidate(ctx, &refs, &dbs);
-        for (pk, was) in pks.iter().zip(dropped) {
+        for ((pk, &op), was) in pks.iter().zip(dropped) {
             if was {
                 stats::inc(&STATS.entries_invalidated);
                 events::publish(
@@ -1191,7 +1194,7 @@ fn apply_keys(
                     EventType::Invalidate,
                     &table.table_json,
                     pk.as_bytes(),
-                    Some((Source::Replication, None)),
+                    Some((Source::Replication, Some(op))),
                 );
             }
         }

@@ -605,3 +605,35 @@ fn the_slots_wal_status_and_room_are_shown() {
         "safe_wal_size {safe} within max_slot_wal_keep_size"
     );
 }
+
+/// An entry dropped by the stream publishes `cache_invalidate` with source
+/// `replication` and the operation of the row's change, as `notify` does.
+#[test]
+fn stream_invalidations_publish_events_with_source_and_operation() {
+    let pg = replication_pg();
+    let r = start_redis(&pg, &["negative_ttl", "60"]);
+    wait_replication_streaming(&r);
+    let mut c = r.con();
+    name_of(&mut c, 5);
+    assert_eq!(read(&mut c, "users", r#"{"id":424242}"#).unwrap(), None);
+    let mut sub = r.con();
+    let mut ps = sub.as_pubsub();
+    ps.subscribe("pg_cache_events").unwrap();
+    ps.set_read_timeout(Some(HANG)).unwrap();
+    let mut next = || {
+        let msg = ps.get_message().expect("an invalidation event");
+        json(&msg.get_payload::<String>().unwrap())
+    };
+    pg.execute("UPDATE users SET name = 'Evented' WHERE id = 5");
+    let ev = next();
+    assert_eq!(ev["type"], "cache_invalidate", "{ev}");
+    assert_eq!(ev["table"], "users", "{ev}");
+    assert_eq!(ev["key"], serde_json::json!({"id":5}), "{ev}");
+    assert_eq!(ev["source"], "replication", "{ev}");
+    assert_eq!(ev["operation"], "UPDATE", "{ev}");
+    pg.execute("INSERT INTO users (id, name, email) VALUES (424242, 'new', 'new@example.com')");
+    let ev = next();
+    assert_eq!(ev["key"], serde_json::json!({"id":424242}), "{ev}");
+    assert_eq!(ev["source"], "replication", "{ev}");
+    assert_eq!(ev["operation"], "INSERT", "{ev}");
+}

@@ -436,8 +436,9 @@ fn old_key(map: &KeyMap, _kind: OldKind, old: &[Datum<'_>]) -> Result<String, St
 /// Keys and tables one batch of committed transactions drops.
 #[derive(Debug, Default)]
 pub struct Drops {
-    /// Per table key name: its schema and canonical pks.
-    pub keys: BTreeMap<String, (Arc<TableSchema>, BTreeSet<String>)>,
+    /// Per table key name: its schema and canonical pks, each with the
+    /// operation of its latest change (events carry it).
+    pub keys: BTreeMap<String, (Arc<TableSchema>, BTreeMap<String, &'static str>)>,
     /// Tables flushed whole, by key name, with the operation that did it.
     pub tables: BTreeMap<String, (Option<Arc<TableSchema>>, &'static str)>,
     /// Changes counted in (every insert, update and delete).
@@ -445,19 +446,39 @@ pub struct Drops {
 }
 
 impl Drops {
-    /// Adds a change's keys; past `limit` keys of one table, the table is
-    /// flushed instead (a huge transaction must not become a huge DEL).
-    pub fn add_keys(&mut self, table: &Arc<TableSchema>, keys: Vec<String>, limit: usize) {
+    /// Adds the keys of a change (`op`); past `limit` keys of one table,
+    /// the table is flushed instead (a huge transaction must not become a
+    /// huge DEL).
+    pub fn add_keys(
+        &mut self,
+        table: &Arc<TableSchema>,
+        keys: impl IntoIterator<Item = String>,
+        op: &'static str,
+        limit: usize,
+    ) {
+        self.add_keys_with(table, keys.into_iter().map(|k| (k, op)), limit);
+    }
+
+    fn add_keys_with(
+        &mut self,
+        table: &Arc<TableSchema>,
+        keys: impl Iterator<Item = (String, &'static str)>,
+        limit: usize,
+    ) {
         if self.tables.contains_key(&table.key_name) {
             return;
         }
         let entry = self
             .keys
             .entry(table.key_name.clone())
-            .or_insert_with(|| (table.clone(), BTreeSet::new()));
-        entry.1.extend(keys);
+            .or_insert_with(|| (table.clone(), BTreeMap::new()));
+        let mut last = "UPDATE";
+        for (key, op) in keys {
+            entry.1.insert(key, op);
+            last = op;
+        }
         if entry.1.len() > limit {
-            self.flush_table(table.key_name.clone(), Some(table.clone()), "UPDATE");
+            self.flush_table(table.key_name.clone(), Some(table.clone()), last);
         }
     }
 
@@ -479,13 +500,14 @@ impl Drops {
         self.keys.values().map(|(_, k)| k.len()).sum()
     }
 
+    /// Adds a later transaction's drops (its operations win).
     pub fn merge(&mut self, other: Drops, limit: usize) {
         self.changes += other.changes;
         for (name, (table, op)) in other.tables {
             self.flush_table(name, table, op);
         }
         for (_, (table, keys)) in other.keys {
-            self.add_keys(&table, keys.into_iter().collect(), limit);
+            self.add_keys_with(&table, keys.into_iter(), limit);
         }
     }
 }
@@ -813,14 +835,20 @@ mod tests {
     fn drops_flush_a_table_past_the_key_limit() {
         let table = Arc::new(test_table("users", &[("id", PkKind::Int32)]));
         let mut d = Drops::default();
-        d.add_keys(&table, vec!["1".into(), "2".into()], 3);
+        d.add_keys(&table, ["1".into(), "2".into()], "INSERT", 3);
         assert_eq!(d.key_count(), 2);
-        d.add_keys(&table, vec!["2".into(), "3".into()], 3);
+        d.add_keys(&table, ["2".into(), "3".into()], "UPDATE", 3);
         assert_eq!(d.key_count(), 3);
-        d.add_keys(&table, vec!["4".into()], 3);
+        assert_eq!(d.keys["users"].1["1"], "INSERT");
+        assert_eq!(d.keys["users"].1["2"], "UPDATE", "the latest change's");
+        let mut later = Drops::default();
+        later.add_keys(&table, ["1".into()], "DELETE", 3);
+        d.merge(later, 3);
+        assert_eq!(d.keys["users"].1["1"], "DELETE", "a later transaction's");
+        d.add_keys(&table, ["4".into()], "DELETE", 3);
         assert_eq!(d.key_count(), 0);
-        assert!(d.tables.contains_key("users"));
-        d.add_keys(&table, vec!["5".into()], 3);
+        assert_eq!(d.tables["users"].1, "DELETE");
+        d.add_keys(&table, ["5".into()], "INSERT", 3);
         assert_eq!(d.key_count(), 0, "a flushed table needs no keys");
         let mut other = Drops::default();
         other.flush_table("t".into(), None, "TRUNCATE");
