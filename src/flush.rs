@@ -1,6 +1,7 @@
 //! Flushes: dropping every entry of a table (PGCACHE.INVALIDATE_TABLE, a
 //! TRUNCATE) or everything cached before a gap, a batch at a time, so Redis
-//! serves other clients between batches however many keys there are.
+//! serves other clients between batches however many keys there are; and
+//! the invalidation sources' drops of named keys (`drop_keys`).
 //!
 //! A flush deletes only pgcache's own entries: string keys
 //! `<prefix><table>:<canonical pk>` (`pgcache_core::entry`), checked against
@@ -27,6 +28,52 @@ use redis_module::{Context, RedisString};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+
+/// Drops the entries of `pks` (canonical pks, each with the operation of
+/// the change that names it) of `table`, as an invalidation source does,
+/// in the caller's hold of Redis's lock: in every database that may hold
+/// entries, with their fills in flight (in any database). An event is
+/// published only for an entry actually dropped.
+pub fn drop_keys<'a>(
+    ctx: &Context,
+    table: &TableSchema,
+    pks: impl ExactSizeIterator<Item = (&'a str, &'static str)> + Clone,
+    source: Source,
+) {
+    let settings = settings::current();
+    let dbs = entries::used_dbs();
+    let keys: Vec<String> = pks
+        .clone()
+        .map(|(pk, _)| entries::key(&settings.cache_prefix, table, pk))
+        .collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let dropped = entries::invalidate(ctx, &refs, &dbs);
+    let via = match source {
+        Source::Notify => "notification",
+        Source::Replication => "replication",
+        Source::Command | Source::Flush => "drop",
+    };
+    for ((pk, op), was) in pks.zip(dropped) {
+        log::debug_with(|| {
+            format!(
+                "pgcache: {via} {op} {}: {pk}{}",
+                table.key_name,
+                if was { " invalidated" } else { " (not cached)" }
+            )
+        });
+        if was {
+            stats::inc(&STATS.entries_invalidated);
+            events::publish(
+                ctx,
+                &settings,
+                EventType::Invalidate,
+                &table.table_json,
+                pk.as_bytes(),
+                Some((source, Some(op))),
+            );
+        }
+    }
+}
 
 /// Keys visited per hold of Redis's lock: small enough that other clients
 /// wait at most about a millisecond. (A batch costs more than the raw scan:

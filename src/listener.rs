@@ -9,7 +9,6 @@
 
 use crate::catalog;
 use crate::entries;
-use crate::events;
 use crate::flush::{self, Target};
 use crate::log;
 use crate::redis::cluster;
@@ -17,7 +16,7 @@ use crate::redis::gil;
 use crate::runtime;
 use crate::settings;
 use crate::stats::{self, STATS};
-use pgcache_core::event::{EventType, Source};
+use pgcache_core::event::Source;
 use pgcache_core::notify::{parse_payload, row_keys, Operation, Payload};
 use pgcache_core::schema::key_name;
 use pgcache_core::TableSchema;
@@ -357,43 +356,17 @@ async fn resolve(
     }
 }
 
-/// Drops the keys of a batch, in one hold of Redis's lock: in every
-/// database that may hold entries, with the fills in flight for them (in
-/// any database). A notification publishes an event only for an entry it
-/// actually dropped.
+/// Drops the keys of a batch, in one hold of Redis's lock.
 fn apply_drops(ctx: &Context, drops: &Drops) {
     if entries::is_replica() {
         return;
     }
-    let settings = settings::current();
-    let dbs = entries::used_dbs();
     for (table, pks, op) in drops {
-        let keys: Vec<String> = pks
-            .iter()
-            .map(|pk| entries::key(&settings.cache_prefix, table, pk))
-            .collect();
-        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let dropped = entries::invalidate(ctx, &refs, &dbs);
-        for (pk, was) in pks.iter().zip(dropped) {
-            log::debug_with(|| {
-                format!(
-                    "pgcache: notification {op} {}: {}{}",
-                    table.key_name,
-                    pk,
-                    if was { " invalidated" } else { " (not cached)" }
-                )
-            });
-            if was {
-                stats::inc(&STATS.entries_invalidated);
-                events::publish(
-                    ctx,
-                    &settings,
-                    EventType::Invalidate,
-                    &table.table_json,
-                    pk.as_bytes(),
-                    Some((Source::Notify, Some(op))),
-                );
-            }
-        }
+        flush::drop_keys(
+            ctx,
+            table,
+            pks.iter().map(|pk| (pk.as_str(), *op)),
+            Source::Notify,
+        );
     }
 }

@@ -20,7 +20,6 @@
 
 use crate::catalog;
 use crate::entries;
-use crate::events;
 use crate::flush::{self, Target};
 use crate::log;
 use crate::redis::gil;
@@ -29,7 +28,7 @@ use crate::redis::reply::redis_string;
 use crate::runtime;
 use crate::settings;
 use crate::stats::{self, REPLICATION, STATS};
-use pgcache_core::event::{EventType, Source};
+use pgcache_core::event::Source;
 use pgcache_core::pgoutput::{self, format_lsn, parse_frame, parse_message, Frame, Lsn, Message};
 use pgcache_core::replication::{
     change_keys, key_map, operation, plan, truncation_note, truncation_note_columns, Drops, KeyMap,
@@ -1164,8 +1163,7 @@ impl Applier {
     }
 }
 
-/// Drops the keys of a batch, in one hold of Redis's lock, in every
-/// database that may hold entries, with their fills in flight.
+/// Drops the keys of a batch, in one hold of Redis's lock.
 fn apply_keys(
     ctx: &Context,
     drops: &std::collections::BTreeMap<
@@ -1176,27 +1174,12 @@ fn apply_keys(
         ),
     >,
 ) {
-    let settings = settings::current();
-    let dbs = entries::used_dbs();
     for (table, pks) in drops.values() {
-        let names: Vec<String> = pks
-            .keys()
-            .map(|pk| entries::key(&settings.cache_prefix, table, pk))
-            .collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let dropped = entries::invalidate(ctx, &refs, &dbs);
-        for ((pk, &op), was) in pks.iter().zip(dropped) {
-            if was {
-                stats::inc(&STATS.entries_invalidated);
-                events::publish(
-                    ctx,
-                    &settings,
-                    EventType::Invalidate,
-                    &table.table_json,
-                    pk.as_bytes(),
-                    Some((Source::Replication, Some(op))),
-                );
-            }
-        }
+        flush::drop_keys(
+            ctx,
+            table,
+            pks.iter().map(|(pk, op)| (pk.as_str(), *op)),
+            Source::Replication,
+        );
     }
 }
