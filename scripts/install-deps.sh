@@ -57,9 +57,13 @@ have_pg_contrib() {
     return 1
 }
 
+# The names clang-sys (bindgen) loads: libclang.so* or libclang-<version>.so*,
+# not libclang-cpp.so* (clang's own C++ library, which it cannot use).
 have_libclang() {
     local f
-    for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang*.so* /usr/lib/libclang*.so*; do
+    for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+        /usr/lib/*/libclang.so* /usr/lib/*/libclang-[0-9]*.so* \
+        /usr/lib/libclang.so* /usr/lib/libclang-[0-9]*.so*; do
         [[ -e "$f" ]] && return 0
     done
     [[ -n "${LIBCLANG_PATH:-}" && -d "$LIBCLANG_PATH" ]]
