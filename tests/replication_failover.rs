@@ -1,8 +1,8 @@
 //! The replication source (SPEC §11) around its slot and across failovers:
 //! a slot another consumer holds, a slot whose creation waits for open
 //! transactions, a Redis replica promoted (it resumes from the marker its
-//! primary replicated), and a PostgreSQL standby promoted (a new timeline:
-//! the gap rule).
+//! primary replicated), a PostgreSQL standby promoted (a new timeline:
+//! the gap rule), and PostgreSQL down when Redis starts.
 
 mod common;
 
@@ -361,4 +361,44 @@ fn a_promoted_postgresql_standby_is_a_new_timeline_and_a_gap() {
         name_of(&mut c, 2).as_deref(),
         Some("streamed from timeline 2")
     );
+}
+
+/// PostgreSQL down when Redis starts: a miss answers an error at once,
+/// Redis goes on serving, the source retries; once PostgreSQL is up it
+/// creates the slot and streams.
+#[test]
+fn postgresql_down_at_start_then_up() {
+    let mut pg = replication_pg();
+    pg.stop();
+    let r = RedisServer::start(&replication_module_args(
+        &pg,
+        &["pg_connect_timeout_ms", "1000"],
+    ));
+    let mut c = r.con();
+    expect_err(
+        read(&mut c, "users", r#"{"id":1}"#),
+        "a miss with PostgreSQL down",
+    );
+    assert!(ping(&mut c));
+    wait_until("the source says it cannot start", || {
+        let s = stats(&mut c);
+        if stat_str(&s, "replication") == "disconnected" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    assert!(r.log().contains("replication cannot start"));
+    pg.start();
+    let s = wait_replication_streaming(&r);
+    assert_eq!(
+        stat_str(&s, "replication_last_gap_reason"),
+        "slot_missing",
+        "{s}"
+    );
+    name_of(&mut c, 1);
+    assert!(exists(&mut c, &user_key(1)));
+    pg.execute("UPDATE users SET name = 'up' WHERE id = 1");
+    wait_gone(&mut c, &user_key(1));
+    assert_eq!(name_of(&mut c, 1).as_deref(), Some("up"));
 }
