@@ -453,6 +453,7 @@ async fn stream(session: u64) -> Result<(), Ended> {
         last_coverage: Instant::now(),
         last_slot_health: Instant::now(),
     };
+    applier.read_slot_health().await?;
     set_state(if resumed {
         stats::REPLICATION_CATCHING_UP
     } else {
@@ -460,7 +461,6 @@ async fn stream(session: u64) -> Result<(), Ended> {
     });
     applier.acked_history.push_back((Instant::now(), start));
     applier.check_caught_up(start).await;
-    applier.read_slot_health().await?;
     let (reader, writer) = stream.split();
     applier.stream(reader, writer).await
 }

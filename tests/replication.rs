@@ -584,6 +584,8 @@ fn the_slots_wal_status_and_room_are_shown() {
     );
     pg.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '64MB'");
     pg.execute("SELECT pg_reload_conf()");
+    // With the marker written, the reconnection resumes.
+    wait_replication_marker(&r);
     let before = stats(&mut c);
     let pid = walsender_pid(&pg).expect("the module's walsender");
     pg.execute(&format!("SELECT pg_terminate_backend({pid})"));

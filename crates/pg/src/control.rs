@@ -14,6 +14,9 @@ pub const APPLICATION_NAME: &str = "pgcache replication control";
 
 pub struct Control {
     client: Arc<tokio_postgres::Client>,
+    /// `pg_current_snapshot()`, prepared once: a statement given as text
+    /// is prepared anew at each run, a second round trip per barrier.
+    snapshot: tokio_postgres::Statement,
     driver: tokio::task::JoinHandle<()>,
     timeout: Duration,
 }
@@ -41,8 +44,25 @@ impl Control {
         let driver = tokio::spawn(async move {
             let _ = connection.await;
         });
+        let prepared = tokio::time::timeout(
+            timeout,
+            client.prepare("SELECT pg_catalog.pg_current_snapshot()::text"),
+        )
+        .await;
+        let snapshot = match prepared {
+            Ok(Ok(statement)) => statement,
+            Ok(Err(e)) => {
+                driver.abort();
+                return Err(PgError::Unavailable(describe(&e)));
+            }
+            Err(_) => {
+                driver.abort();
+                return Err(PgError::Timeout(timeout.as_millis() as u64));
+            }
+        };
         let control = Control {
             client: Arc::new(client),
+            snapshot,
             driver,
             timeout,
         };
@@ -57,7 +77,7 @@ impl Control {
 
     /// `pg_current_snapshot()` as text (`xmin:xmax:xip,...`).
     pub async fn snapshot(&self) -> Result<String, PgError> {
-        self.text("SELECT pg_current_snapshot()::text").await
+        self.text(&self.snapshot).await
     }
 
     /// `pg_current_wal_insert_lsn()`: past every commit visible now, those
@@ -109,7 +129,10 @@ impl Control {
     }
 
     /// The one text value `sql` answers, under the query timeout.
-    async fn text(&self, sql: &str) -> Result<String, PgError> {
+    async fn text<T>(&self, sql: &T) -> Result<String, PgError>
+    where
+        T: ?Sized + tokio_postgres::ToStatement,
+    {
         match tokio::time::timeout(self.timeout, self.client.query_one(sql, &[])).await {
             Ok(Ok(row)) => row
                 .try_get::<_, String>(0)
