@@ -93,7 +93,7 @@ pub fn start() {
     }
     entries::set_listener(entries::LISTENER_CONNECTING);
     set_state(stats::REPLICATION_CONNECTING);
-    let handle = runtime::spawn_abortable(run(session));
+    let handle = runtime::spawn_stream(run(session));
     *TASK.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
 }
 

@@ -6,6 +6,10 @@ use std::future::Future;
 use std::sync::OnceLock;
 
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+/// A single-threaded runtime on a thread of its own, for the replication
+/// stream: one message after another, its wake-ups stay on one thread
+/// instead of waking the shared pool's other worker each time.
+static STREAM_RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
 static PG: OnceLock<Pg> = OnceLock::new();
 
 /// Starts the runtime's threads (the last step of a load: nothing may fail
@@ -17,6 +21,16 @@ pub fn start() -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the background runtime: {e}"))?;
+    let stream = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the stream runtime: {e}"))?;
+    let handle = stream.handle().clone();
+    std::thread::Builder::new()
+        .name("pgcache-stream".into())
+        .spawn(move || stream.block_on(std::future::pending::<()>()))
+        .map_err(|e| format!("cannot start the stream thread: {e}"))?;
+    let _ = STREAM_RUNTIME.set(handle);
     let _ = RUNTIME.set(runtime);
     Ok(())
 }
@@ -76,4 +90,14 @@ pub fn spawn_abortable(
     work: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     runtime().spawn(work)
+}
+
+/// `spawn_abortable` on the stream runtime (the replication source).
+pub fn spawn_stream(
+    work: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    STREAM_RUNTIME
+        .get()
+        .expect("the runtime is started at load")
+        .spawn(work)
 }
