@@ -50,7 +50,11 @@ pub fn loading_ended(ctx: &redis_module::Context) {
     let flush = entries::loading_ended();
     if replication_source() {
         replication::start();
-    } else if let Some(generation) = flush {
-        flush::gap(generation, None);
+    } else {
+        // A marker the load brought no longer covers what is cached.
+        replication::forget_marker();
+        if let Some(generation) = flush {
+            flush::gap(generation, None);
+        }
     }
 }

@@ -639,3 +639,30 @@ fn stream_invalidations_publish_events_with_source_and_operation() {
     assert_eq!(ev["source"], "replication", "{ev}");
     assert_eq!(ev["operation"], "INSERT", "{ev}");
 }
+
+/// A marker that a load brings while another source runs (an RDB saved by
+/// the replication source, loaded under `notify`) is deleted too: it does
+/// not cover what `notify` caches.
+#[test]
+fn a_marker_loaded_under_another_source_is_deleted() {
+    let pg = replication_pg();
+    let r = RedisServer::start_with_server_args(
+        &pg.module_args(),
+        &["--enable-debug-command", "local"],
+    );
+    wait_listener_ready(&r);
+    let mut c = r.con();
+    let marker = r#"{"v":2,"system_id":"1","timeline":1,"database":"pgcache_test","slot":"pgcache","lsn":"0/1","tables":["users"]}"#;
+    let _: () = redis::cmd("SET")
+        .arg("pg_cache:__replication")
+        .arg(marker)
+        .query(&mut c)
+        .unwrap();
+    let _: String = redis::cmd("DEBUG").arg("RELOAD").query(&mut c).unwrap();
+    wait_until("the loaded marker is deleted", || {
+        match get(&mut c, "pg_cache:__replication") {
+            None => Ok(()),
+            Some(m) => Err(m),
+        }
+    });
+}
