@@ -44,20 +44,16 @@ impl Control {
         let driver = tokio::spawn(async move {
             let _ = connection.await;
         });
-        let prepared = tokio::time::timeout(
+        let prepared = timed(
             timeout,
             client.prepare("SELECT pg_catalog.pg_current_snapshot()::text"),
         )
         .await;
         let snapshot = match prepared {
-            Ok(Ok(statement)) => statement,
-            Ok(Err(e)) => {
+            Ok(statement) => statement,
+            Err(e) => {
                 driver.abort();
-                return Err(PgError::Unavailable(describe(&e)));
-            }
-            Err(_) => {
-                driver.abort();
-                return Err(PgError::Timeout(timeout.as_millis() as u64));
+                return Err(e);
             }
         };
         let control = Control {
@@ -102,15 +98,13 @@ impl Control {
              AND p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate \
              AND to_jsonb(t) ->> 'rowfilter' IS NULL";
         let names: Vec<&str> = publications.iter().map(String::as_str).collect();
-        match tokio::time::timeout(self.timeout, self.client.query(SQL, &[&names])).await {
-            Ok(Ok(rows)) => rows
-                .iter()
+        timed(self.timeout, async {
+            let rows = self.client.query(SQL, &[&names]).await?;
+            rows.iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect::<Result<_, tokio_postgres::Error>>()
-                .map_err(|e| PgError::Unavailable(describe(&e))),
-            Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
-            Err(_) => Err(PgError::Timeout(self.timeout.as_millis() as u64)),
-        }
+                .collect()
+        })
+        .await
     }
 
     /// The slot's `wal_status` and `safe_wal_size` (bytes; `None` when
@@ -118,14 +112,11 @@ impl Control {
     pub async fn slot_health(&self, slot: &str) -> Result<Option<(String, Option<i64>)>, PgError> {
         const SQL: &str = "SELECT coalesce(wal_status, ''), safe_wal_size \
              FROM pg_catalog.pg_replication_slots WHERE slot_name = $1";
-        match tokio::time::timeout(self.timeout, self.client.query_opt(SQL, &[&slot])).await {
-            Ok(Ok(row)) => row
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .transpose()
-                .map_err(|e: tokio_postgres::Error| PgError::Unavailable(describe(&e))),
-            Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
-            Err(_) => Err(PgError::Timeout(self.timeout.as_millis() as u64)),
-        }
+        timed(self.timeout, async {
+            let row = self.client.query_opt(SQL, &[&slot]).await?;
+            row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+        })
+        .await
     }
 
     /// The one text value `sql` answers, under the query timeout.
@@ -133,13 +124,13 @@ impl Control {
     where
         T: ?Sized + tokio_postgres::ToStatement,
     {
-        match tokio::time::timeout(self.timeout, self.client.query_one(sql, &[])).await {
-            Ok(Ok(row)) => row
+        timed(self.timeout, async {
+            self.client
+                .query_one(sql, &[])
+                .await?
                 .try_get::<_, String>(0)
-                .map_err(|e| PgError::Unavailable(describe(&e))),
-            Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
-            Err(_) => Err(PgError::Timeout(self.timeout.as_millis() as u64)),
-        }
+        })
+        .await
     }
 
     /// Catalog lookups on this connection.
@@ -149,5 +140,17 @@ impl Control {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+}
+
+/// `work` under `timeout`, its errors as the pool's.
+async fn timed<T>(
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, PgError> {
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(PgError::Unavailable(describe(&e))),
+        Err(_) => Err(PgError::Timeout(timeout.as_millis() as u64)),
     }
 }
