@@ -7,9 +7,12 @@
 //!   PostgreSQL writing with nothing consuming), **notify** (`pgcache_watch`
 //!   triggers on `pgbench_accounts`, a module LISTENing) and **replication**
 //!   (publication `pgcache` of `pgbench_accounts`, a module loaded with
-//!   `invalidation_source replication`). `-N` updates `pgbench_accounts` and
-//!   inserts into `pgbench_history` (no primary key: neither watched nor
-//!   published).
+//!   `invalidation_source replication`), and a reference arm, **decoding**:
+//!   the same publication streamed from a slot of its own by PostgreSQL's
+//!   own `pg_recvlogical` into /dev/null, the least any consumer of logical
+//!   replication costs (the walsender decodes all WAL, whatever the client
+//!   does with it). `-N` updates `pgbench_accounts` and inserts into
+//!   `pgbench_history` (no primary key: neither watched nor published).
 //! - Commit to entry gone, per source: an entry of `pgbench_accounts` cached
 //!   with `PGCACHE.READ`, an `UPDATE` of its row on a tokio-postgres
 //!   connection, the time from the autocommit returning to the entry being
@@ -30,7 +33,9 @@ use std::time::{Duration, Instant};
 const SCALE: u32 = 10;
 const CLIENTS: u32 = 8;
 const RUN_SECS: u64 = 12;
-const ROUNDS: usize = 3;
+/// Rounds per arm: this 2-core machine's throughput varies by a third
+/// between rounds, so the figures are medians of five.
+const ROUNDS: usize = 5;
 /// Commit-to-gone samples per source and condition.
 const SAMPLES: usize = 300;
 /// The concurrent `pgbench -N` of the latency figure under load.
@@ -38,6 +43,8 @@ const LOAD_CLIENTS: u32 = 4;
 /// What the replication arm asks the module for (the proposal's defaults,
 /// given explicitly so that the clean-up drops what the module used).
 const SLOT: &str = "pgcache";
+/// The decoding arm's slot.
+const FLOOR_SLOT: &str = "pgcache_bench_floor";
 const PUBLICATION: &str = "pgcache";
 /// How long a source may take to be ready (slot creation included).
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -79,6 +86,7 @@ enum Arm {
     None,
     Notify,
     Replication,
+    Decoding,
 }
 
 impl Arm {
@@ -87,6 +95,7 @@ impl Arm {
             Arm::None => "none",
             Arm::Notify => "notify",
             Arm::Replication => "replication",
+            Arm::Decoding => "decoding (pg_recvlogical)",
         }
     }
 }
@@ -198,11 +207,27 @@ fn publish(pg: &PgServer, rt: &tokio::runtime::Runtime) -> Result<&'static str, 
 
 /// Whether a walsender streams from the module's slot.
 fn slot_active(pg: &PgServer) -> bool {
+    slot_streaming(pg, SLOT)
+}
+
+fn slot_streaming(pg: &PgServer, slot: &str) -> bool {
     pg.query_text(&format!(
-        "SELECT count(*)::text FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active"
+        "SELECT count(*)::text FROM pg_replication_slots WHERE slot_name = '{slot}' AND active"
     ))
     .as_deref()
         == Some("1")
+}
+
+/// Waits (up to 15 s) for `slot`'s walsender to end, then drops the slot.
+fn drop_slot(pg: &PgServer, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while slot_streaming(pg, slot) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pg.query_texts(&format!(
+        "SELECT pg_drop_replication_slot(slot_name)::text FROM pg_replication_slots \
+         WHERE slot_name = '{slot}'"
+    ));
 }
 
 /// What a refused module load says: the module's own lines of the log
@@ -249,7 +274,7 @@ fn wait_ready(pg: &PgServer, r: &RedisServer, arm: Arm) -> Result<(), String> {
         let listener = text(&s, "listener");
         let ok = gap_over
             && match arm {
-                Arm::None => true,
+                Arm::None | Arm::Decoding => true,
                 Arm::Notify => listener.as_deref() == Some("connected"),
                 Arm::Replication => {
                     let streaming = match text(&s, "replication") {
@@ -285,21 +310,86 @@ fn wait_ready(pg: &PgServer, r: &RedisServer, arm: Arm) -> Result<(), String> {
     }
 }
 
-/// Sets up `arm` on `pg`: its trigger or publication and its Redis.
+/// What an arm runs beside PostgreSQL.
+enum Consumer {
+    Redis(RedisServer),
+    /// `pg_recvlogical` of the decoding arm, held only to be killed when
+    /// dropped.
+    Client(#[allow(dead_code)] Running),
+}
+
+impl Consumer {
+    fn redis(self) -> RedisServer {
+        match self {
+            Consumer::Redis(r) => r,
+            Consumer::Client(_) => panic!("this arm has no Redis"),
+        }
+    }
+}
+
+/// The decoding arm's client: `pg_recvlogical` streaming `FLOOR_SLOT`
+/// (pgoutput, the module's publication) into /dev/null, once its walsender
+/// is active.
+fn recvlogical(pg: &PgServer) -> Result<Running, String> {
+    pg.query_texts(&format!(
+        "SELECT lsn::text FROM pg_create_logical_replication_slot('{FLOOR_SLOT}', 'pgoutput')"
+    ));
+    let mut c = Command::new(pg_bindir().join("pg_recvlogical"));
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &pg.port().to_string(),
+        "-U",
+        "postgres",
+    ])
+    .args([
+        "-d",
+        DB_NAME,
+        "-S",
+        FLOOR_SLOT,
+        "--start",
+        "-f",
+        "/dev/null",
+    ])
+    .args(["-o", "proto_version=1", "-o"])
+    .arg(format!("publication_names={PUBLICATION}"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    die_with_parent(&mut c);
+    let client = Running(c.spawn().map_err(|e| format!("pg_recvlogical: {e}"))?);
+    let deadline = Instant::now() + READY_WITHIN;
+    while !slot_streaming(pg, FLOOR_SLOT) {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "pg_recvlogical did not stream within {READY_WITHIN:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(client)
+}
+
+/// Sets up `arm` on `pg`: its trigger or publication and its consumer.
 fn arm_up(
     pg: &PgServer,
     arm: Arm,
     rt: &tokio::runtime::Runtime,
     rep: &mut Report,
     noted: &mut bool,
-) -> Result<Option<RedisServer>, String> {
+) -> Result<Option<Consumer>, String> {
     match arm {
         Arm::None => Ok(None),
         Arm::Notify => {
             pg.execute("SELECT pgcache_watch('pgbench_accounts')");
             let r = RedisServer::with_pg(pg, &["events", "none"]);
             wait_ready(pg, &r, arm)?;
-            Ok(Some(r))
+            Ok(Some(Consumer::Redis(r)))
+        }
+        Arm::Decoding => {
+            publish(pg, rt)?;
+            recvlogical(pg).map(|c| Some(Consumer::Client(c)))
         }
         Arm::Replication => {
             let how = publish(pg, rt)?;
@@ -327,30 +417,27 @@ fn arm_up(
                 Start::Refused(log) => Err(format!("module refused to load: {}", refusal(&log))),
                 Start::Up(r) => {
                     wait_ready(pg, &r, arm)?;
-                    Ok(Some(r))
+                    Ok(Some(Consumer::Redis(r)))
                 }
             }
         }
     }
 }
 
-/// Undoes `arm_up`: Redis stopped, then the trigger removed or the slot and
-/// publication dropped, so that the next arm starts clean.
-fn arm_down(pg: &PgServer, arm: Arm, redis: Option<RedisServer>) {
-    drop(redis);
+/// Undoes `arm_up`: the consumer stopped, then the trigger removed or the
+/// slot and publication dropped, so that the next arm starts clean.
+fn arm_down(pg: &PgServer, arm: Arm, consumer: Option<Consumer>) {
+    drop(consumer);
+    // A walsender ends when it notices its client gone.
     match arm {
         Arm::None => {}
         Arm::Notify => pg.execute("SELECT pgcache_unwatch('pgbench_accounts')"),
         Arm::Replication => {
-            // The walsender ends when it notices its client gone.
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while slot_active(pg) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            pg.query_texts(&format!(
-                "SELECT pg_drop_replication_slot(slot_name)::text FROM pg_replication_slots \
-                 WHERE slot_name = '{SLOT}'"
-            ));
+            drop_slot(pg, SLOT);
+            pg.execute(&format!("DROP PUBLICATION IF EXISTS {PUBLICATION}"));
+        }
+        Arm::Decoding => {
+            drop_slot(pg, FLOOR_SLOT);
             pg.execute(&format!("DROP PUBLICATION IF EXISTS {PUBLICATION}"));
         }
     }
@@ -380,35 +467,34 @@ fn pgbench_run(pg: &PgServer) -> f64 {
     )
 }
 
-/// Until dropped, `pgbench -N` at `LOAD_CLIENTS` clients.
-struct Load(Child);
+/// A child process, killed when dropped.
+struct Running(Child);
 
-impl Load {
-    fn start(pg: &PgServer) -> Load {
-        let mut c = pgbench_command(
-            pg.port(),
-            &[
-                "-N",
-                "-n",
-                "-c",
-                &LOAD_CLIENTS.to_string(),
-                "-j",
-                "2",
-                "-T",
-                "600",
-            ],
-        );
-        c.stdout(Stdio::null()).stderr(Stdio::null());
-        die_with_parent(&mut c);
-        Load(c.spawn().expect("spawn pgbench"))
-    }
-}
-
-impl Drop for Load {
+impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Until dropped, `pgbench -N` at `LOAD_CLIENTS` clients.
+fn pgbench_load(pg: &PgServer) -> Running {
+    let mut c = pgbench_command(
+        pg.port(),
+        &[
+            "-N",
+            "-n",
+            "-c",
+            &LOAD_CLIENTS.to_string(),
+            "-j",
+            "2",
+            "-T",
+            "600",
+        ],
+    );
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    die_with_parent(&mut c);
+    Running(c.spawn().expect("spawn pgbench"))
 }
 
 fn wait_no_pgbench(pg: &PgServer) {
@@ -444,7 +530,7 @@ fn commit_to_gone(
     let mut c = r.con();
     let client = rt.block_on(connect_pg(pg.port()));
     let load = under_load.then(|| {
-        let l = Load::start(pg);
+        let l = pgbench_load(pg);
         std::thread::sleep(Duration::from_secs(1));
         l
     });
@@ -524,34 +610,37 @@ pub fn writes(rt: &tokio::runtime::Runtime, rep: &mut Report) {
         started.elapsed().as_secs_f64(),
         shown_settings(&pg)
     );
-    let mut unavailable: Option<String> = None;
     let mut noted = false;
-    let arms = [Arm::None, Arm::Notify, Arm::Replication];
+    let arms = [Arm::None, Arm::Notify, Arm::Replication, Arm::Decoding];
     let mut tps: Vec<Vec<f64>> = vec![vec![]; arms.len()];
+    // Why an arm that may be missing (the replication source of an older
+    // build, pg_recvlogical) could not run.
+    let mut failed: Vec<Option<String>> = vec![None; arms.len()];
     for round in 0..ROUNDS {
         for (i, &arm) in arms.iter().enumerate() {
-            if arm == Arm::Replication && unavailable.is_some() {
+            if failed[i].is_some() {
                 continue;
             }
             before_run(&pg);
             match arm_up(&pg, arm, rt, rep, &mut noted) {
-                Ok(redis) => {
+                Ok(consumer) => {
                     let t = pgbench_run(&pg);
                     println!("   round {}: {} {t:.0} tps", round + 1, arm.name());
                     tps[i].push(t);
-                    arm_down(&pg, arm, redis);
+                    arm_down(&pg, arm, consumer);
                 }
                 Err(e) => {
                     arm_down(&pg, arm, None);
-                    if arm != Arm::Replication {
+                    if matches!(arm, Arm::None | Arm::Notify) {
                         panic!("writes: the {} arm cannot start: {e}", arm.name());
                     }
-                    println!("replication source unavailable: {e}");
-                    unavailable = Some(e);
+                    println!("{} arm unavailable: {e}", arm.name());
+                    failed[i] = Some(e);
                 }
             }
         }
     }
+    let unavailable = failed[2].clone();
     let none = median(tps[0].clone());
     let ratio_of = |i: usize| -> (f64, Vec<f64>) {
         let per: Vec<f64> = tps[i].iter().zip(&tps[0]).map(|(a, b)| a / b).collect();
@@ -618,6 +707,47 @@ pub fn writes(rt: &tokio::runtime::Runtime, rep: &mut Report) {
             });
         }
     }
+    let floor_figure = format!(
+        "pgbench -N, {CLIENTS} clients ({sync}), decoding: pg_recvlogical of the same publication / no invalidation"
+    );
+    match &failed[3] {
+        Some(e) => rep.unmeasured(&floor_figure, format!("unavailable: {e}"), "reported"),
+        None => {
+            let (ratio, per) = ratio_of(3);
+            let floor = median(tps[3].clone());
+            rep.add(
+                &floor_figure,
+                format!(
+                    "{ratio:.2} (pg_recvlogical {floor:.0} tps, none {none:.0} tps; {}): PostgreSQL's own cost of logical decoding, with the cheapest client",
+                    rounds(&per)
+                ),
+                "reported",
+                None,
+            );
+            rep.chart.rates.push(RateFigure {
+                label: format!("pgbench -N, {CLIENTS} clients, pg_recvlogical"),
+                baseline: "no invalidation".into(),
+                baseline_rate: none,
+                pgcache_rate: floor,
+                ratio,
+                target: "reference".into(),
+                target_ratio: f64::NAN,
+                met: true,
+            });
+            if unavailable.is_none() {
+                // Round by round: the module's cost beyond decoding.
+                let per: Vec<f64> = tps[2].iter().zip(&tps[3]).map(|(a, b)| a / b).collect();
+                rep.add(
+                    &format!(
+                        "pgbench -N, {CLIENTS} clients ({sync}), replication / decoding (the module against pg_recvlogical)"
+                    ),
+                    format!("{:.2} ({})", median(per.clone()), rounds(&per)),
+                    "reported",
+                    None,
+                );
+            }
+        }
+    }
 
     // Commit to entry gone, per source.
     let mut bars = vec![];
@@ -644,13 +774,13 @@ pub fn writes(rt: &tokio::runtime::Runtime, rep: &mut Report) {
             continue;
         }
         let measured = arm_up(&pg, arm, rt, rep, &mut noted).map(|r| {
-            let r = r.expect("a source has a Redis");
+            let r = r.expect("a source has a Redis").redis();
             let idle = commit_to_gone(&pg, &r, rt, false);
             let loaded = idle
                 .as_ref()
                 .ok()
                 .map(|_| commit_to_gone(&pg, &r, rt, true));
-            arm_down(&pg, arm, Some(r));
+            arm_down(&pg, arm, Some(Consumer::Redis(r)));
             (idle, loaded)
         });
         let (idle, loaded) = match measured {
@@ -705,7 +835,7 @@ pub fn writes(rt: &tokio::runtime::Runtime, rep: &mut Report) {
         });
     }
     rep.note(format!(
-        "writes: PostgreSQL of its own, pgbench -i -s {SCALE}; {}; {ROUNDS} rounds of {RUN_SECS} s per arm (pgbench -N -n -c {CLIENTS} -j 2), arms alternating, each run after TRUNCATE pgbench_history, VACUUM of branches and tellers and a CHECKPOINT; baseline: no trigger, no publication, no Redis; latency: time from the UPDATE's autocommit returning to EXISTS of the entry answering 0 (polled on one connection); section run time {:.0} s",
+        "writes: PostgreSQL of its own, pgbench -i -s {SCALE}; {}; {ROUNDS} rounds of {RUN_SECS} s per arm (pgbench -N -n -c {CLIENTS} -j 2), arms alternating, each run after TRUNCATE pgbench_history, VACUUM of branches and tellers and a CHECKPOINT; baseline: no trigger, no publication, no Redis; decoding: pg_recvlogical -o proto_version=1 of a slot of its own, into /dev/null; latency: time from the UPDATE's autocommit returning to EXISTS of the entry answering 0 (polled on one connection); section run time {:.0} s",
         shown_settings(&pg),
         started.elapsed().as_secs_f64()
     ));

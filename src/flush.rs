@@ -307,8 +307,7 @@ async fn scan_db(
     loop {
         let step_shared = shared.clone();
         let step_tables = tables.clone();
-        gil::writes_welcome().await;
-        let step = gil::run(move |ctx| {
+        let step = gil::run_writing(move |ctx| {
             let r = flush_step(
                 ctx,
                 db,

@@ -74,6 +74,7 @@ fn figures(for_crash_report: bool) -> Vec<(&'static str, i64)> {
             n(&STATS.replication_transactions),
         ),
         ("replication_changes", n(&STATS.replication_changes)),
+        ("replication_batches", n(&STATS.replication_batches)),
         (
             "replication_tables_flushed",
             n(&STATS.replication_tables_flushed),

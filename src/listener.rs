@@ -291,8 +291,7 @@ async fn handle_batch(session: u64, batch: Vec<String>, resolver: Option<&Resolv
     // Keys of a table flushed anyway need no drop of their own.
     drops.retain(|(t, _, _)| !flushes.iter().any(|(f, _)| f_key(f) == t.key_name));
     if !drops.is_empty() {
-        gil::writes_welcome().await;
-        let _ = gil::run(move |ctx| apply_drops(ctx, &drops)).await;
+        let _ = gil::run_writing(move |ctx| apply_drops(ctx, &drops)).await;
     }
     for (target, op) in flushes {
         runtime::spawn("a table flush", async move {

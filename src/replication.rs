@@ -64,6 +64,12 @@ static UNMAPPED: log::Every = log::Every::new(Duration::from_secs(60));
 const APPLICATION_NAME: &str = "pgcache replication";
 /// Transactions applied together, at most.
 const MAX_BATCH_TXNS: usize = 1000;
+/// After a batch is applied the stream is left unread this long, so that
+/// what a busy server sends meanwhile is read in one gulp and applied as
+/// one batch: reading each message as it came cost a wake-up per message,
+/// most of the module's CPU under `pgbench -N`. A commit on an idle stream
+/// is still applied as soon as it arrives.
+const APPLY_PAUSE: Duration = Duration::from_millis(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Status updates go out this often (the walsender drops a client silent
@@ -648,6 +654,20 @@ struct Open {
     drops: Drops,
 }
 
+/// `f`'s output if it is ready at its first poll. (Not
+/// `timeout(Duration::ZERO, f)`: tokio rounds a deadline up to its timer's
+/// next millisecond, so that waited for whatever arrived meanwhile: a
+/// stream busier than a message a millisecond was applied only when it
+/// paused, or once `MAX_BATCH_TXNS` transactions had piled up.)
+async fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
 fn pg_now() -> i64 {
     // Microseconds since 2000-01-01, PostgreSQL's epoch.
     const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
@@ -685,16 +705,18 @@ impl Applier {
             } else if committed.len() >= MAX_BATCH_TXNS {
                 None
             } else {
-                // Polls the (cancel-safe) read once.
-                tokio::time::timeout(Duration::ZERO, reader.next())
-                    .await
-                    .ok()
+                // What is already received joins the batch.
+                poll_once(reader.next()).await
             };
             let body = match body {
                 None => {
                     if !committed.is_empty() {
+                        let drained = committed.len() < MAX_BATCH_TXNS;
                         let batch = std::mem::take(&mut committed);
                         self.apply(batch, &mut writer).await?;
+                        if drained {
+                            tokio::time::sleep(APPLY_PAUSE).await;
+                        }
                     } else if open.is_none() {
                         self.persist().await?;
                     }
@@ -968,6 +990,7 @@ impl Applier {
             drops.merge(c.drops, limit);
         }
         stats::add(&STATS.replication_transactions, transactions);
+        stats::inc(&STATS.replication_batches);
         stats::add(&STATS.replication_changes, drops.changes);
         let session = self.session;
         let flushes: Vec<(String, Option<Arc<TableSchema>>, &'static str)> =
@@ -981,9 +1004,8 @@ impl Applier {
         let keys = std::mem::take(&mut drops.keys);
         let marker_now = flushes.is_empty();
         if !keys.is_empty() || marker_now {
-            gil::writes_welcome().await;
             let m = marker.clone();
-            let applied = gil::run(move |ctx| {
+            let applied = gil::run_writing(move |ctx| {
                 if !current(session) || entries::is_replica() {
                     return None;
                 }
@@ -1052,11 +1074,10 @@ impl Applier {
         if self.marker.lsn <= self.persisted && self.marker.tables == self.persisted_tables {
             return Ok(());
         }
-        gil::writes_welcome().await;
         let key = self.marker_key.clone();
         let m = self.marker.clone();
         let session = self.session;
-        let written = gil::run(move |ctx| {
+        let written = gil::run_writing(move |ctx| {
             if !current(session) || entries::is_replica() {
                 return None;
             }

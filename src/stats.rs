@@ -46,9 +46,11 @@ pub struct Stats {
     /// Cluster: entries that arrived by slot migration, deleted.
     pub cluster_restored_dropped: AtomicU64,
     /// The replication source (`replication.rs`): transactions and row
-    /// changes applied, tables flushed whole, applies held back until a
-    /// commit was visible, resumes from the marker and gap flushes.
+    /// changes applied, the batches they were applied in, tables flushed
+    /// whole, applies held back until a commit was visible, resumes from
+    /// the marker and gap flushes.
     pub replication_transactions: AtomicU64,
+    pub replication_batches: AtomicU64,
     pub replication_changes: AtomicU64,
     pub replication_tables_flushed: AtomicU64,
     pub replication_barrier_waits: AtomicU64,

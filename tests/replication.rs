@@ -171,6 +171,48 @@ fn a_killed_stream_resumes_without_a_flush() {
     );
 }
 
+/// While Redis asks modules not to replicate (`CLIENT PAUSE WRITE`, as a
+/// manual failover does), the stream's deletes wait; they are made once
+/// the pause ends.
+#[test]
+fn the_streams_deletes_wait_while_writes_are_paused() {
+    let pg = replication_pg();
+    let r = start_redis(&pg, &[]);
+    wait_replication_streaming(&r);
+    let mut c = r.con();
+    assert!(name_of(&mut c, 1).is_some());
+    let before = stat_of(&stats(&mut c), "replication_transactions");
+    let paused_at = std::time::Instant::now();
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("WRITE")
+        .query::<()>(&mut c)
+        .unwrap();
+    pg.execute("UPDATE users SET name = 'after the pause' WHERE id = 1");
+    // Counted as the batch is applied, before its deletes wait.
+    wait_until("the change is received", || {
+        let s = stats(&mut c);
+        if stat_of(&s, "replication_transactions") > before {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let held = exists(&mut c, &user_key(1));
+    let within_pause = paused_at.elapsed() < Duration::from_millis(4500);
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query::<()>(&mut c)
+        .unwrap();
+    if within_pause {
+        assert!(held, "the entry was deleted while writes were paused");
+    }
+    wait_gone(&mut c, &user_key(1));
+    assert_eq!(name_of(&mut c, 1).as_deref(), Some("after the pause"));
+}
+
 const PRODUCT: &str = r#"{"category":"electronics","product_id":1}"#;
 
 fn product_key() -> String {

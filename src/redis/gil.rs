@@ -106,12 +106,33 @@ pub fn replica_traffic_unwelcome() -> bool {
     unsafe { raw::RedisModule_AvoidReplicaTraffic.is_some_and(|f| f() != 0) }
 }
 
-/// Waits until Redis no longer asks modules to hold their writes: deletes
-/// made while a manual failover pauses writes would move the primary's
-/// offset past the one its replica must reach, and the failover would time
-/// out. Nothing is served meanwhile (READ is `may-replicate`, so paused too).
-pub async fn writes_welcome() {
-    while run(|_| replica_traffic_unwelcome()).await.unwrap_or(false) {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+/// Runs `f` under Redis's lock like `run`, once Redis no longer asks
+/// modules to hold their writes: deletes made while a manual failover
+/// pauses writes would move the primary's offset past the one its replica
+/// must reach, and the failover would time out. Checked in the same hold of
+/// the lock as `f` runs in, so no pause begins in between, and with no
+/// round trip of its own. Nothing is served meanwhile (READ is
+/// `may-replicate`, so paused too).
+pub async fn run_writing<R, F>(f: F) -> Result<R, Failed>
+where
+    R: Send + 'static,
+    F: FnOnce(&Context) -> R + Send + 'static,
+{
+    let mut f = f;
+    loop {
+        let attempt = run(move |ctx| {
+            if replica_traffic_unwelcome() {
+                Err(f)
+            } else {
+                Ok(f(ctx))
+            }
+        });
+        match attempt.await? {
+            Ok(r) => return Ok(r),
+            Err(back) => {
+                f = back;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
     }
 }
