@@ -66,9 +66,9 @@ const APPLICATION_NAME: &str = "pgcache replication";
 const MAX_BATCH_TXNS: usize = 1000;
 /// After a batch is applied the stream is left unread this long, so that
 /// what a busy server sends meanwhile is read in one gulp and applied as
-/// one batch: reading each message as it came cost a wake-up per message,
-/// most of the module's CPU under `pgbench -N`. A commit on an idle stream
-/// is still applied as soon as it arrives.
+/// one batch (reading each message as it came parked the thread once per
+/// message). A commit on an idle stream is still applied as soon as it
+/// arrives; a busy one waits at most this much longer.
 const APPLY_PAUSE: Duration = Duration::from_millis(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
