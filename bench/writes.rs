@@ -511,6 +511,21 @@ fn wait_no_pgbench(pg: &PgServer) {
     }
 }
 
+/// How the throughput figure of one arm against none is named and judged.
+struct ArmFigure {
+    /// The table's name for the arm.
+    figure: &'static str,
+    /// The arm's name in the figure and the chart.
+    client: &'static str,
+    /// The ratio to reach, if any.
+    target: Option<f64>,
+    chart_target: &'static str,
+    /// What a row says when the arm could not run.
+    unavailable: &'static str,
+    /// Appended to the measured value.
+    comment: &'static str,
+}
+
 /// `SAMPLES` times: cache a row, update it, time from the commit returning
 /// to its entry being gone (ms), by polling `EXISTS` on one connection.
 ///
@@ -641,112 +656,97 @@ pub fn writes(rt: &tokio::runtime::Runtime, rep: &mut Report) {
         }
     }
     let unavailable = failed[2].clone();
-    let none = median(tps[0].clone());
-    let ratio_of = |i: usize| -> (f64, Vec<f64>) {
-        let per: Vec<f64> = tps[i].iter().zip(&tps[0]).map(|(a, b)| a / b).collect();
-        (median(per.clone()), per)
-    };
-    let (notify_ratio, notify_rounds) = ratio_of(1);
-    let notify = median(tps[1].clone());
     let sync = if durable() {
         "synchronous_commit on"
     } else {
         "synchronous_commit off"
     };
-    rep.add(
-        &format!(
-            "pgbench -N, {CLIENTS} clients ({sync}), notify (triggers + LISTEN) / no invalidation"
-        ),
-        format!(
-            "{notify_ratio:.2} (notify {notify:.0} tps, none {none:.0} tps; {})",
-            rounds(&notify_rounds)
-        ),
-        "reported",
-        None,
-    );
-    rep.chart.rates.push(RateFigure {
-        label: format!("pgbench -N, {CLIENTS} clients, notify"),
-        baseline: "no invalidation".into(),
-        baseline_rate: none,
-        pgcache_rate: notify,
-        ratio: notify_ratio,
-        target: "none".into(),
-        target_ratio: f64::NAN,
-        met: true,
-    });
-    let repl_figure = format!(
-        "pgbench -N, {CLIENTS} clients ({sync}), replication (publication + slot) / no invalidation"
-    );
-    match &unavailable {
-        Some(e) => rep.unmeasured(
-            &repl_figure,
-            format!("replication source unavailable: {e}"),
-            ">= 0.9",
-        ),
-        None => {
-            let (ratio, per) = ratio_of(2);
-            let repl = median(tps[2].clone());
-            rep.add(
-                &repl_figure,
-                format!(
-                    "{ratio:.2} (replication {repl:.0} tps, none {none:.0} tps; {})",
-                    rounds(&per)
-                ),
-                ">= 0.9",
-                Some(ratio >= 0.9),
-            );
-            rep.chart.rates.push(RateFigure {
-                label: format!("pgbench -N, {CLIENTS} clients, replication"),
-                baseline: "no invalidation".into(),
-                baseline_rate: none,
-                pgcache_rate: repl,
-                ratio,
-                target: ">= 0.9".into(),
-                target_ratio: 0.9,
-                met: ratio >= 0.9,
-            });
+    let none = median(tps[0].clone());
+    let against_none = |rep: &mut Report, i: usize, fig: ArmFigure| {
+        let figure = format!(
+            "pgbench -N, {CLIENTS} clients ({sync}), {} / no invalidation",
+            fig.figure
+        );
+        let table_target = fig
+            .target
+            .map_or("reported".to_string(), |t| format!(">= {t}"));
+        if let Some(e) = &failed[i] {
+            rep.unmeasured(&figure, format!("{}: {e}", fig.unavailable), &table_target);
+            return;
         }
-    }
-    let floor_figure = format!(
-        "pgbench -N, {CLIENTS} clients ({sync}), decoding: pg_recvlogical of the same publication / no invalidation"
+        let per: Vec<f64> = tps[i].iter().zip(&tps[0]).map(|(a, b)| a / b).collect();
+        let ratio = median(per.clone());
+        let rate = median(tps[i].clone());
+        let met = fig.target.map(|t| ratio >= t);
+        rep.add(
+            &figure,
+            format!(
+                "{ratio:.2} ({} {rate:.0} tps, none {none:.0} tps; {}){}",
+                fig.client,
+                rounds(&per),
+                fig.comment
+            ),
+            &table_target,
+            met,
+        );
+        rep.chart.rates.push(RateFigure {
+            label: format!("pgbench -N, {CLIENTS} clients, {}", fig.client),
+            baseline: "no invalidation".into(),
+            baseline_rate: none,
+            pgcache_rate: rate,
+            ratio,
+            target: fig.chart_target.into(),
+            target_ratio: fig.target.unwrap_or(f64::NAN),
+            met: met.unwrap_or(true),
+        });
+    };
+    against_none(
+        rep,
+        1,
+        ArmFigure {
+            figure: "notify (triggers + LISTEN)",
+            client: "notify",
+            target: None,
+            chart_target: "none",
+            unavailable: "",
+            comment: "",
+        },
     );
-    match &failed[3] {
-        Some(e) => rep.unmeasured(&floor_figure, format!("unavailable: {e}"), "reported"),
-        None => {
-            let (ratio, per) = ratio_of(3);
-            let floor = median(tps[3].clone());
-            rep.add(
-                &floor_figure,
-                format!(
-                    "{ratio:.2} (pg_recvlogical {floor:.0} tps, none {none:.0} tps; {}): PostgreSQL's own cost of logical decoding, with the cheapest client",
-                    rounds(&per)
-                ),
-                "reported",
-                None,
-            );
-            rep.chart.rates.push(RateFigure {
-                label: format!("pgbench -N, {CLIENTS} clients, pg_recvlogical"),
-                baseline: "no invalidation".into(),
-                baseline_rate: none,
-                pgcache_rate: floor,
-                ratio,
-                target: "reference".into(),
-                target_ratio: f64::NAN,
-                met: true,
-            });
-            if unavailable.is_none() {
-                // Round by round: the module's cost beyond decoding.
-                let per: Vec<f64> = tps[2].iter().zip(&tps[3]).map(|(a, b)| a / b).collect();
-                rep.add(
-                    &format!(
-                        "pgbench -N, {CLIENTS} clients ({sync}), replication / decoding (the module against pg_recvlogical)"
-                    ),
-                    format!("{:.2} ({})", median(per.clone()), rounds(&per)),
-                    "reported",
-                    None,
-                );
-            }
-        }
+    against_none(
+        rep,
+        2,
+        ArmFigure {
+            figure: "replication (publication + slot)",
+            client: "replication",
+            target: Some(0.9),
+            chart_target: ">= 0.9",
+            unavailable: "replication source unavailable",
+            comment: "",
+        },
+    );
+    against_none(
+        rep,
+        3,
+        ArmFigure {
+            figure: "decoding: pg_recvlogical of the same publication",
+            client: "pg_recvlogical",
+            target: None,
+            chart_target: "reference",
+            unavailable: "unavailable",
+            comment: ": PostgreSQL's own cost of logical decoding, with the cheapest client",
+        },
+    );
+    if failed[2].is_none() && failed[3].is_none() {
+        // Round by round: the module's cost beyond decoding.
+        let per: Vec<f64> = tps[2].iter().zip(&tps[3]).map(|(a, b)| a / b).collect();
+        rep.add(
+            &format!(
+                "pgbench -N, {CLIENTS} clients ({sync}), replication / decoding (the module against pg_recvlogical)"
+            ),
+            format!("{:.2} ({})", median(per.clone()), rounds(&per)),
+            "reported",
+            None,
+        );
     }
 
     // Commit to entry gone, per source.
